@@ -1,0 +1,101 @@
+"""Argument normalisation and validation shared by every neighborhood-attention backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class NAParams:
+    """Validated, per-axis parameters of one neighborhood-attention call."""
+
+    spatial: Tuple[int, ...]
+    kernel_size: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    heads: int
+    head_dim: int
+    scale: float
+
+
+def _per_axis(name: str, value: IntOrTuple, ndim: int) -> Tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * ndim
+    try:
+        values = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from None
+    if len(values) != ndim:
+        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
+    return values
+
+
+def check_na_args(
+    ndim: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple,
+    stride: IntOrTuple,
+    rpb: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> NAParams:
+    """Validate the inputs of ``na{ndim}d`` and return its per-axis parameters.
+
+    Raises ``ValueError`` naming what was expected and what was given.
+    """
+    fn = f"na{ndim}d"
+    layout = "[B, " + ", ".join("XYZ"[:ndim]) + ", heads, head_dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim + 3:
+            raise ValueError(
+                f"{fn}: {name} must be a {ndim + 3}-D tensor {layout}, got shape {tuple(t.shape)}"
+            )
+    if q.shape != k.shape:
+        raise ValueError(f"{fn}: q and k must have the same shape {layout}, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(
+            f"{fn}: v must match k in every dim but head_dim, got v {tuple(v.shape)} and k {tuple(k.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"{fn}: q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+    kernel = _per_axis("kernel_size", kernel_size, ndim)
+    dil = _per_axis("dilation", dilation, ndim)
+    strd = _per_axis("stride", stride, ndim)
+    spatial = tuple(int(s) for s in q.shape[1 : 1 + ndim])
+    for axis, (length, ks, d, s) in enumerate(zip(spatial, kernel, dil, strd)):
+        if ks < 1 or ks % 2 == 0:
+            raise ValueError(f"{fn}: kernel_size must be odd and >= 1 on every axis, got {kernel}")
+        if d < 1:
+            raise ValueError(f"{fn}: dilation must be >= 1 on every axis, got {dil}")
+        if s < 1 or s > ks:
+            raise ValueError(f"{fn}: stride must be in [1, kernel_size] on every axis, got stride {strd} for kernel_size {kernel}")
+        if length < ks * d:
+            raise ValueError(
+                f"{fn}: axis {axis} has size {length}, but kernel_size * dilation = {ks} * {d} = {ks * d} "
+                f"is larger; the op never pads, so every spatial axis must be >= kernel_size * dilation "
+                f"(got spatial shape {spatial})"
+            )
+    heads, head_dim = int(q.shape[-2]), int(q.shape[-1])
+    if rpb is not None:
+        expected = (heads,) + tuple(2 * ks - 1 for ks in kernel)
+        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
+            got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
+            raise ValueError(f"{fn}: rpb must have shape [heads, 2k-1, ...] = {expected}, got {got}")
+        if rpb.device != q.device:
+            raise ValueError(f"{fn}: rpb must be on {q.device}, got {rpb.device}")
+    if scale is None:
+        scale = head_dim ** -0.5
+    return NAParams(spatial, kernel, dil, strd, heads, head_dim, float(scale))

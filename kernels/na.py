@@ -1,0 +1,128 @@
+"""Functional neighborhood attention (1-D, 2-D, 3-D) and its backend dispatcher.
+
+All functions take heads-last tensors ``[B, *spatial, heads, head_dim]`` (views with arbitrary
+strides are fine, e.g. slices of a fused qkv projection) and return ``[B, *spatial, heads, head_dim]``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ._checks import IntOrTuple, NAParams, check_na_args
+from .reference import na_reference
+
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NAParams, Optional[torch.Tensor]], torch.Tensor]
+
+# Name -> implementation. The fused Triton backend registers itself here once it exists.
+BACKENDS: Dict[str, Backend] = {"reference": na_reference}
+
+
+def available_backends() -> tuple:
+    """Names accepted by the ``backend`` argument (besides ``"auto"``)."""
+    return tuple(BACKENDS)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> Backend:
+    if backend == "auto":
+        # The fused backend is preferred on CUDA once registered; the reference runs everywhere.
+        if q.is_cuda and "triton" in BACKENDS:
+            return BACKENDS["triton"]
+        return BACKENDS["reference"]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
+    return BACKENDS[backend]
+
+
+def _na(
+    ndim: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple,
+    stride: IntOrTuple,
+    rpb: Optional[torch.Tensor],
+    scale: Optional[float],
+    backend: str,
+) -> torch.Tensor:
+    params = check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
+    return _resolve_backend(backend, q)(q, k, v, params, rpb)
+
+
+def na1d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """1-D neighborhood attention.
+
+    Args:
+        q, k, v: ``[B, L, heads, D]`` (v may have its own head_dim).
+        kernel_size: odd window size; ``L >= kernel_size * dilation``.
+        dilation: gap between attended keys (NA runs on each of the ``dilation`` sub-sequences).
+        stride: queries in groups of ``stride`` share one window (``stride == kernel_size`` is
+            non-overlapping window attention); ``1 <= stride <= kernel_size``.
+        rpb: optional relative position bias ``[heads, 2 * kernel_size - 1]``.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: ``"auto"``, or a name from :func:`available_backends`.
+
+    Returns:
+        ``[B, L, heads, D_v]``.
+    """
+    return _na(1, q, k, v, kernel_size, dilation, stride, rpb, scale, backend)
+
+
+def na2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """2-D neighborhood attention, as :func:`na1d` per axis.
+
+    Args:
+        q, k, v: ``[B, H, W, heads, D]``.
+        kernel_size, dilation, stride: an int or an ``(h, w)`` pair.
+        rpb: optional ``[heads, 2 * kh - 1, 2 * kw - 1]``; the bias of key ``(y, x)`` for query
+            ``(qy, qx)`` is ``rpb[h, (y - qy) / dh + kh - 1, (x - qx) / dw + kw - 1]``.
+
+    Returns:
+        ``[B, H, W, heads, D_v]``.
+    """
+    return _na(2, q, k, v, kernel_size, dilation, stride, rpb, scale, backend)
+
+
+def na3d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """3-D neighborhood attention, as :func:`na1d` per axis.
+
+    Args:
+        q, k, v: ``[B, T, H, W, heads, D]``.
+        kernel_size, dilation, stride: an int or a ``(t, h, w)`` triple.
+        rpb: optional ``[heads, 2 * kt - 1, 2 * kh - 1, 2 * kw - 1]``.
+
+    Returns:
+        ``[B, T, H, W, heads, D_v]``.
+    """
+    return _na(3, q, k, v, kernel_size, dilation, stride, rpb, scale, backend)

@@ -1,0 +1,6 @@
+"""Layers shared by visattn model families."""
+from .blocks import NHWCTransformerBlock
+from .global_attention import GlobalAttentionRPB, relative_position_index
+from .neighborhood_attention import NeighborhoodAttention2d
+
+__all__ = ["GlobalAttentionRPB", "NHWCTransformerBlock", "NeighborhoodAttention2d", "relative_position_index"]

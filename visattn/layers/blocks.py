@@ -1,0 +1,44 @@
+"""Transformer blocks shared by the attention families."""
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, Mlp
+
+
+class NHWCTransformerBlock(nn.Module):
+    """Pre-norm transformer block on channels-last maps ``[B, H, W, C]``:
+
+    ``x = x + drop_path(ls1(attn(norm1(x))))``; ``x = x + drop_path(ls2(mlp(norm2(x))))``.
+
+    ``attn`` is any module mapping ``[B, H, W, C]`` to itself. ``layer_scale`` (an init value)
+    enables the per-channel ``ls1.gamma`` / ``ls2.gamma`` scales.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        attn: nn.Module,
+        mlp_ratio: float = 4.0,
+        layer_scale: Optional[float] = None,
+        drop_path: float = 0.0,
+        proj_drop: float = 0.0,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x

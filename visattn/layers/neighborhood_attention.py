@@ -1,0 +1,78 @@
+"""Neighborhood-attention modules: parameters only, the op comes from ``visattn.kernels``."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
+
+from visattn.kernels import na2d
+
+
+@register_notrace_module  # shape-dependent padding: torch.fx treats the module as a leaf
+class NeighborhoodAttention2d(nn.Module):
+    """2-D (dilated, strided) neighborhood attention with relative position bias, on NHWC maps.
+
+    Parameters are registered as NATTEN 0.14/0.15 ``NeighborhoodAttention2D`` does (``qkv``,
+    ``rpb`` ``[heads, 2k-1, 2k-1]``, ``proj``), so official NAT-family weights load unchanged.
+    Like NATTEN 0.14, a map smaller than ``kernel_size * dilation`` on some axis is zero-padded
+    right/bottom before ``qkv`` and cropped before ``proj``.
+
+    Input and output: ``[B, H, W, dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: Union[int, Tuple[int, int]] = 7,
+        dilation: Union[int, Tuple[int, int]] = 1,
+        stride: Union[int, Tuple[int, int]] = 1,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        rel_pos_bias: bool = True,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.kernel_size = to_2tuple(kernel_size)
+        self.dilation = to_2tuple(dilation)
+        self.stride = to_2tuple(stride)
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * self.kernel_size[0] - 1, 2 * self.kernel_size[1] - 1))
+            trunc_normal_(self.rpb, std=0.02)
+        else:
+            self.register_parameter("rpb", None)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"stride={self.stride}, rel_pos_bias={self.rpb is not None}"
+        )
+
+    @torch.jit.ignore
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Kept out of TorchScript: the op dispatches to Python / Triton backends.
+        return na2d(q, k, v, self.kernel_size, self.dilation, self.stride, self.rpb, self.scale, self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        pad_h = max(0, self.kernel_size[0] * self.dilation[0] - H)
+        pad_w = max(0, self.kernel_size[1] * self.dilation[1] - W)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        x = self._attend(q, k, v)[:, :H, :W].reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
