@@ -1,5 +1,4 @@
 """Transformer blocks shared by the attention families."""
-from __future__ import annotations
 
 from typing import Optional, Type
 

@@ -1,10 +1,9 @@
 """Global multi-head self-attention with a 2-D relative position bias table (ViT-rpb)."""
-from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 
 
 def relative_position_index(size: int) -> torch.Tensor:
@@ -18,6 +17,7 @@ def relative_position_index(size: int) -> torch.Tensor:
     return rel[0] * (2 * size - 1) + rel[1]
 
 
+@register_notrace_module  # input-size check: torch.fx treats the module as a leaf
 class GlobalAttentionRPB(nn.Module):
     """MHSA over all tokens of a fixed ``input_size x input_size`` NHWC map plus a learned bias
     ``rpb [heads, 2L-1, 2L-1]`` indexed by the (key - query) offset.

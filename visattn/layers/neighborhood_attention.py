@@ -1,5 +1,4 @@
 """Neighborhood-attention modules: parameters only, the op comes from ``visattn.kernels``."""
-from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 

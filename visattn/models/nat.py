@@ -14,7 +14,6 @@ Models run channels-last (NHWC) like the official code. Official checkpoints loa
 * isotropic: ``patch_embed`` -> ``stem``; ``layers.i`` -> ``blocks.i``; ViT-rpb's
   ``relative_position_index`` buffers are checked against the recomputed index and dropped.
 """
-from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -22,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, trunc_normal_
+from torch.fx._symbolic_trace import is_fx_tracing
+from timm.layers import ClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
@@ -33,8 +33,14 @@ from visattn.layers import GlobalAttentionRPB, NeighborhoodAttention2d, NHWCTran
 __all__ = ["NAT", "NATIsotropic", "NATDenseBackbone"]
 
 
+@torch.jit.ignore
 def check_image_batch(x: torch.Tensor, in_chans: int, model_name: str) -> None:
-    """Raise a ValueError unless ``x`` is a non-empty ``[B, in_chans, H, W]`` batch."""
+    """Raise a ValueError unless ``x`` is a non-empty ``[B, in_chans, H, W]`` batch.
+
+    Skipped while torch.fx traces the model (shapes are symbolic then).
+    """
+    if is_fx_tracing():
+        return
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{model_name} expects an image batch [B, {in_chans}, H, W], got {got}")
@@ -86,6 +92,14 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> List[float]:
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over the blocks.
+
+    Plain Python so models can be built under a ``torch.device('meta')`` context.
+    """
+    return [drop_path_rate * i / max(1, num_blocks - 1) for i in range(num_blocks)]
 
 
 def alternating_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> List[List[int]]:
@@ -159,6 +173,8 @@ class NAT(nn.Module):
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         norm_layer: Type[nn.Module] = nn.LayerNorm,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if stem_type not in ("conv", "patch"):
@@ -177,7 +193,8 @@ class NAT(nn.Module):
             self.stem = ConvStem(in_chans, embed_dim, norm_layer)
         else:
             self.stem = PatchStem(in_chans, embed_dim, 4, norm_layer)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = drop_path_schedule(drop_path_rate, sum(depths))
+        dpr = [dpr[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(num_stages)]
         stages, self.feature_info = [], []
         for i in range(num_stages):
             downsample = None
@@ -189,7 +206,7 @@ class NAT(nn.Module):
             stages.append(
                 NATStage(
                     dims[i], depths[i], num_heads[i], kernel_size, dilations[i], downsample,
-                    mlp_ratio, layer_scale, dpr[i].tolist(), proj_drop_rate, norm_layer,
+                    mlp_ratio, layer_scale, dpr[i], proj_drop_rate, norm_layer,
                 )
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
@@ -197,6 +214,7 @@ class NAT(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.apply(_init_weights)
+        self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -224,7 +242,8 @@ class NAT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        # The new head follows the trunk's device/dtype, not the old (possibly parameter-free) head's.
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
         self,
@@ -242,7 +261,8 @@ class NAT(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans, type(self).__name__)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
@@ -271,7 +291,8 @@ class NAT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans, type(self).__name__)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -310,7 +331,7 @@ class NATIsotropic(nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: Union[int, Tuple[int, int]] = 224,
         patch_size: int = 16,
         embed_dim: int = 384,
         depth: int = 12,
@@ -325,6 +346,8 @@ class NATIsotropic(nn.Module):
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         norm_layer: Type[nn.Module] = nn.LayerNorm,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.in_chans = in_chans
@@ -333,11 +356,14 @@ class NATIsotropic(nn.Module):
         self.num_features = self.head_hidden_size = embed_dim
         self.grad_checkpointing = False
         self.stem = PatchStem(in_chans, embed_dim, patch_size, norm_layer)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        grid = tuple(s // patch_size for s in to_2tuple(img_size))
+        if kernel_size is None and grid[0] != grid[1]:
+            raise ValueError(f"ViT-rpb needs a square token grid, got img_size {img_size} with patch {patch_size}")
+        dpr = drop_path_schedule(drop_path_rate, depth)
         blocks = []
         for i in range(depth):
             if kernel_size is None:
-                attn = GlobalAttentionRPB(embed_dim, num_heads, img_size // patch_size, proj_drop=proj_drop_rate)
+                attn = GlobalAttentionRPB(embed_dim, num_heads, grid[0], proj_drop=proj_drop_rate)
             else:
                 attn = NeighborhoodAttention2d(
                     embed_dim, num_heads, kernel_size, dilation=1 if i % 2 == 0 else dilation, proj_drop=proj_drop_rate
@@ -348,6 +374,7 @@ class NATIsotropic(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.apply(_init_weights)
+        self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -367,7 +394,8 @@ class NATIsotropic(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        # The new head follows the trunk's device/dtype, not the old (possibly parameter-free) head's.
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
 
     def forward_intermediates(
         self,
@@ -382,7 +410,8 @@ class NATIsotropic(nn.Module):
         ``forward_features`` output unless ``intermediates_only``."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans, type(self).__name__)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates = []
         x = self.stem(x)
@@ -411,7 +440,8 @@ class NATIsotropic(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans, type(self).__name__)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
