@@ -47,12 +47,18 @@ def neighborhood_index(
     return keys, rel
 
 
-def _broadcast_axis(index: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
-    """View ``index [L_axis, k_axis]`` so it broadcasts to ``[L_0..L_n, k_0..k_n]``."""
-    shape = [1] * (2 * ndim)
-    shape[axis] = index.shape[0]
-    shape[ndim + axis] = index.shape[1]
-    return index.view(shape)
+def _flat_index(per_axis: List[torch.Tensor], sizes: Tuple[int, ...]) -> torch.Tensor:
+    """Combine per-axis ``[L_a, k_a]`` indices into row-major flat indices ``[prod(L), prod(k)]``
+    over a grid of shape ``sizes``."""
+    ndim = len(per_axis)
+    flat = None
+    for axis, index in enumerate(per_axis):
+        shape = [1] * (2 * ndim)
+        shape[axis], shape[ndim + axis] = index.shape
+        term = index.view(shape) * math.prod(sizes[axis + 1 :])
+        flat = term if flat is None else flat + term
+    n_query = math.prod(i.shape[0] for i in per_axis)
+    return flat.reshape(n_query, -1)
 
 
 def na_reference(
@@ -64,6 +70,8 @@ def na_reference(
 ) -> torch.Tensor:
     """Neighborhood attention on heads-last ``[B, *spatial, heads, D]`` tensors.
 
+    Neighbours are fetched with ``index_select`` on the flattened token axis, whose backward is an
+    ``index_add`` (far faster on CPU than the scatter of advanced indexing).
     Half-precision inputs are computed in float32 and the result cast back to the input dtype.
     """
     ndim = len(params.spatial)
@@ -77,31 +85,30 @@ def na_reference(
         neighborhood_index(length, ks, d, s, q.device)
         for length, ks, d, s in zip(params.spatial, params.kernel_size, params.dilation, params.stride)
     ]
-    batch, heads, head_dim = q.shape[0], params.heads, params.head_dim
+    batch, heads, head_dim, v_dim = q.shape[0], params.heads, params.head_dim, v.shape[-1]
     window = math.prod(params.kernel_size)
+    n_tokens = math.prod(params.spatial)
+    rel_sizes = tuple(2 * ks - 1 for ks in params.kernel_size)
     rest = math.prod(params.spatial[1:])
-    per_row = max(1, batch * rest * window * heads * max(head_dim, v.shape[-1]))
-    rows = max(1, _SLAB_ELEMENTS // per_row)
+    rows = max(1, _SLAB_ELEMENTS // max(1, batch * rest * window * heads * max(head_dim, v_dim)))
 
+    k_tokens = k.reshape(batch, n_tokens, heads, head_dim)
+    v_tokens = v.reshape(batch, n_tokens, heads, v_dim)
+    rpb_flat = rpb.flatten(1) if rpb is not None else None
     slabs: List[torch.Tensor] = []
     for row0 in range(0, params.spatial[0], rows):
         row1 = min(row0 + rows, params.spatial[0])
-        axis_keys = [indices[0][0][row0:row1]] + [keys for keys, _ in indices[1:]]
-        axis_rel = [indices[0][1][row0:row1]] + [rel for _, rel in indices[1:]]
-        gather = tuple(_broadcast_axis(idx, a, ndim) for a, idx in enumerate(axis_keys))
-        k_nbr = k[(slice(None),) + gather]  # [B, *L, *kernel, heads, D]
-        v_nbr = v[(slice(None),) + gather]
-        q_slab = q[:, row0:row1]
-        n_query = q_slab[0, ..., 0, 0].numel()
-        q_flat = q_slab.reshape(batch, n_query, heads, head_dim)
-        k_flat = k_nbr.reshape(batch, n_query, window, heads, head_dim)
-        v_flat = v_nbr.reshape(batch, n_query, window, heads, v.shape[-1])
-        logits = torch.einsum("bqhd,bqnhd->bqhn", q_flat * params.scale, k_flat)
-        if rpb is not None:
-            rel = tuple(_broadcast_axis(idx, a, ndim) for a, idx in enumerate(axis_rel))
-            bias = rpb[(slice(None),) + rel].reshape(heads, n_query, window)
+        keys = _flat_index([indices[0][0][row0:row1]] + [kk for kk, _ in indices[1:]], params.spatial)
+        n_query = keys.shape[0]
+        k_nbr = k_tokens.index_select(1, keys.view(-1)).view(batch, n_query, window, heads, head_dim)
+        v_nbr = v_tokens.index_select(1, keys.view(-1)).view(batch, n_query, window, heads, v_dim)
+        q_slab = q[:, row0:row1].reshape(batch, n_query, heads, head_dim)
+        logits = torch.einsum("bqhd,bqnhd->bqhn", q_slab * params.scale, k_nbr)
+        if rpb_flat is not None:
+            rel = _flat_index([indices[0][1][row0:row1]] + [r for _, r in indices[1:]], rel_sizes)
+            bias = rpb_flat.index_select(1, rel.view(-1)).view(heads, n_query, window)
             logits = logits + bias.permute(1, 0, 2)
         attn = logits.softmax(dim=-1)
-        out = torch.einsum("bqhn,bqnhd->bqhd", attn, v_flat)
-        slabs.append(out.reshape(q_slab.shape[:-1] + (v.shape[-1],)))
+        out = torch.einsum("bqhn,bqnhd->bqhd", attn, v_nbr)
+        slabs.append(out.reshape((batch, row1 - row0) + params.spatial[1:] + (heads, v_dim)))
     return torch.cat(slabs, dim=1).to(out_dtype)

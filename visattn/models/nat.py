@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from timm.layers import ClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -39,7 +39,7 @@ def check_image_batch(x: torch.Tensor, in_chans: int, model_name: str) -> None:
 
     Skipped while torch.fx traces the model (shapes are symbolic then).
     """
-    if is_fx_tracing():
+    if is_fx_symbolic_tracing():
         return
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
