@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import visattn
 from visattn.layers import NeighborhoodAttention2d, relative_position_index
-from conftest import load_golden, load_manifest, manifest_names
+from golden_data import load_golden, load_manifest, manifest_names
 
 NAT_GOLDENS = ["nat", "dinat", "dinat_s", "dinat_isotropic", "vitrpb", "dinat_mm"]
 NAT_MANIFESTS = manifest_names("Neighborhood-Attention-Transformer")

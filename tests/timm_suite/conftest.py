@@ -62,6 +62,22 @@ NOT_APPLICABLE = {
 }
 
 
+# Variants over ~50M parameters take minutes per test on a 2-core CPU (timm's prune contract
+# deep-copies and back-propagates the whole model per tap). They share code with the smaller
+# variants of their architecture that CI runs, and are marked slow: run them with `-m slow`
+# (on the GPU machine: TORCH_DEVICE=cuda).
+HEAVY_MODELS = [
+    "visattn_nat_b", "visattn_dinat_s", "visattn_dinat_b", "visattn_dinat_l*", "visattn_dinats_s", "visattn_dinats_b",
+    "visattn_dinats_l*", "visattn_nat_iso_b", "visattn_dinat_iso_b", "visattn_vitrpb_b",
+]
+
+
+def _model_of(item):
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("model_name", "") if callspec else ""
+    return name.split(".")[0] if isinstance(name, str) else ""
+
+
 def pytest_collection_modifyitems(config, items):
     here = str(config.rootpath / "tests" / "timm_suite")
     keep, drop = [], []
@@ -69,6 +85,8 @@ def pytest_collection_modifyitems(config, items):
         in_suite = str(item.fspath).startswith(here)
         applicable = "visattn_" in item.nodeid and item.originalname not in NOT_APPLICABLE
         (keep if not in_suite or applicable else drop).append(item)
+        if in_suite and any(fnmatch.fnmatch(_model_of(item), p) for p in HEAVY_MODELS):
+            item.add_marker(pytest.mark.slow)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
