@@ -1,0 +1,5 @@
+import sys
+
+from visattn.cli import main
+
+sys.exit(main())
