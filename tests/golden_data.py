@@ -15,7 +15,9 @@ def load_golden(name: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, tor
     meta_path = GOLDEN_DIR / f"{name}.json"
     assert meta_path.exists(), f"golden data missing: {meta_path} (set VISATTN_GOLDEN_DIR)"
     meta = json.loads(meta_path.read_text())
-    return meta, load_file(str(GOLDEN_DIR / f"{name}.safetensors")), load_file(str(GOLDEN_DIR / f"{name}.io.safetensors"))
+    sd_path = GOLDEN_DIR / f"{name}.safetensors"  # op-level cases have inputs/outputs only
+    state_dict = load_file(str(sd_path)) if sd_path.exists() else {}
+    return meta, state_dict, load_file(str(GOLDEN_DIR / f"{name}.io.safetensors"))
 
 
 def load_manifest(name: str) -> dict:
