@@ -149,7 +149,76 @@ class NATStage(nn.Module):
         return self.blocks(x)
 
 
-class NAT(nn.Module):
+class _NHWCClassifier(nn.Module):
+    """timm API shared by the NAT-family classifiers: an NHWC trunk (``self.<trunk_attr>``, a
+    Sequential of stages or blocks), a final ``norm`` and a ``ClassifierHead`` named ``head``."""
+
+    trunk_attr = "stages"
+    norm_every_tap = False  # timm convention: hierarchical nets norm only the last tap, isotropic ones every tap
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        # The new head follows the trunk's device/dtype, not the old (possibly parameter-free) head's.
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the trunk's stages (or blocks) as ``[B, C, H, W]`` maps (``output_fmt='NHWC'``
+        keeps channels last), plus the final ``forward_features`` output unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_image_batch(x, self.in_chans, type(self).__name__)
+        trunk = getattr(self, self.trunk_attr)
+        take_indices, max_index = feature_take_indices(len(trunk), indices)
+        last_idx = len(trunk) - 1
+        intermediates = []
+        x = self.stem(x)
+        for i, module in enumerate(trunk[: max_index + 1] if stop_early else trunk):
+            x = module(x)
+            if i in take_indices:
+                feat = self.norm(x) if norm and (self.norm_every_tap or i == last_idx) else x
+                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return intermediates
+        if max_index == last_idx or not stop_early:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        trunk = getattr(self, self.trunk_attr)
+        take_indices, max_index = feature_take_indices(len(trunk), indices)
+        setattr(self, self.trunk_attr, trunk[: max_index + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class NAT(_NHWCClassifier):
     """Hierarchical NAT / DiNAT (conv stem and conv downsamplers) or DiNAT_s (patch stem and
     Swin patch merging). Four stages at strides 4, 8, 16, 32; widths ``embed_dim * 2**i``.
 
@@ -217,10 +286,6 @@ class NAT(nn.Module):
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(
             stem=r"^stem",
@@ -236,70 +301,10 @@ class NAT(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        # The new head follows the trunk's device/dtype, not the old (possibly parameter-free) head's.
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (before the next downsampler), strides 4..32.
-
-        Returns ``[B, C_i, H_i, W_i]`` maps (``output_fmt='NHWC'`` keeps channels last), and the
-        final ``forward_features`` output unless ``intermediates_only``.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans, type(self).__name__)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last_idx else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return intermediates
-        if max_index == last_idx or not stop_early:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             check_image_batch(x, self.in_chans, type(self).__name__)
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class NATDenseBackbone(nn.Module):
@@ -321,13 +326,16 @@ class NATDenseBackbone(nn.Module):
         return [norm(f).permute(0, 3, 1, 2) for norm, f in zip(self.out_norms, feats)]
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(_NHWCClassifier):
     """Isotropic (ViT-like, no class token) NAT / DiNAT, or ViT-rpb when ``kernel_size`` is None.
 
     Patchify conv + LayerNorm, ``depth`` blocks on a ``H/p x W/p`` NHWC map (block ``i`` uses
     dilation 1 if ``i`` is even, else ``dilation``), LayerNorm, mean pool, head.
     ViT-rpb's global attention has a bias table tied to ``img_size // patch_size``.
     """
+
+    trunk_attr = "blocks"
+    norm_every_tap = True
 
     def __init__(
         self,
@@ -377,67 +385,12 @@ class NATIsotropic(nn.Module):
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        # The new head follows the trunk's device/dtype, not the old (possibly parameter-free) head's.
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs at stride ``patch_size`` as ``[B, C, H/p, W/p]`` (or NHWC), plus the final
-        ``forward_features`` output unless ``intermediates_only``."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans, type(self).__name__)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        intermediates = []
-        x = self.stem(x)
-        last_idx = len(self.blocks) - 1
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return intermediates
-        if max_index == last_idx or not stop_early:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -448,12 +401,6 @@ class NATIsotropic(nn.Module):
         else:
             x = self.blocks(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module) -> None:
