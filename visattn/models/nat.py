@@ -557,7 +557,7 @@ def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> N
     return build_model_with_cfg(
         NATIsotropic, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(9, 10, 11), feature_cls="getter"),
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),  # the last three blocks
         **kwargs,
     )
 
