@@ -1,6 +1,7 @@
 """Argument normalisation and validation shared by every neighborhood-attention backend."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -22,15 +23,28 @@ class NAParams:
     scale: float
 
 
+def _as_int(value) -> int:
+    # operator.index accepts ints and numpy integers but refuses floats and bools are excluded:
+    # a 3.7 kernel or a True dilation must not be silently truncated.
+    if isinstance(value, bool):
+        raise TypeError
+    return operator.index(value)
+
+
 def _per_axis(name: str, value: IntOrTuple, ndim: int) -> Tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * ndim
+    expected = f"{name} must be an int or a sequence of {ndim} ints, got {value!r}"
+    if isinstance(value, (str, bytes)):
+        raise ValueError(expected)
     try:
-        values = tuple(int(v) for v in value)
+        return (_as_int(value),) * ndim
     except TypeError:
-        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from None
+        pass
+    try:
+        values = tuple(_as_int(v) for v in value)
+    except TypeError:
+        raise ValueError(expected) from None
     if len(values) != ndim:
-        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
+        raise ValueError(expected)
     return values
 
 
@@ -94,6 +108,8 @@ def check_na_args(
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
             got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
             raise ValueError(f"{fn}: rpb must have shape [heads, 2k-1, ...] = {expected}, got {got}")
+        if not rpb.is_floating_point():
+            raise ValueError(f"{fn}: rpb must be a floating-point tensor, got {rpb.dtype}")
         if rpb.device != q.device:
             raise ValueError(f"{fn}: rpb must be on {q.device}, got {rpb.device}")
     if scale is None:
