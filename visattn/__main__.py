@@ -1,3 +1,4 @@
+"""``python -m visattn``: the ``visattn`` command line."""
 import sys
 
 from visattn.cli import main
