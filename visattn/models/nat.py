@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
-from visattn.convert import CheckpointMismatchError, guess_family, register_official
+from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
 from visattn.layers import GlobalAttentionRPB, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
 
 __all__ = ["NAT", "NATIsotropic", "NATDenseBackbone"]
@@ -454,7 +454,7 @@ def _convert_hierarchical(state_dict: Dict[str, torch.Tensor], dense: bool) -> D
     return out
 
 
-def _convert_isotropic(state_dict: Dict[str, torch.Tensor], model: NATIsotropic) -> Dict[str, torch.Tensor]:
+def _convert_isotropic(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for key, value in state_dict.items():
         if key.endswith(".attn.relative_position_index"):
@@ -471,8 +471,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
     Raises :class:`CheckpointMismatchError` when the checkpoint belongs to another family.
     """
-    from visattn.convert import unwrap_checkpoint
-
     state_dict = unwrap_checkpoint(state_dict)
     own_keys = model.state_dict()
     if any(k in own_keys for k in state_dict) and not any(k.startswith(("levels.", "layers.", "patch_embed.")) for k in state_dict):
@@ -481,7 +479,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     if isinstance(model, NATIsotropic):
         if not family.startswith(("ViT-rpb", "NAT / DiNAT isotropic")):
             raise CheckpointMismatchError(f"expected an official isotropic NAT / ViT-rpb checkpoint, this one looks like: {family}")
-        return _convert_isotropic(state_dict, model)
+        return _convert_isotropic(state_dict)
     if not family.startswith(("NAT / DiNAT (official", "DiNAT_s")):
         raise CheckpointMismatchError(f"expected an official NAT / DiNAT / DiNAT_s checkpoint, this one looks like: {family}")
     if isinstance(model.stem if isinstance(model, NAT) else model.trunk.stem, ConvStem) != family.startswith("NAT / DiNAT"):
