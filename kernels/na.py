@@ -14,8 +14,14 @@ from .reference import na_reference
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NAParams, Optional[torch.Tensor]], torch.Tensor]
 
-# Name -> implementation. The fused Triton backend registers itself here once it exists.
+# Name -> implementation.
 BACKENDS: Dict[str, Backend] = {"reference": na_reference}
+try:
+    from .triton_na2d import na_triton
+except ImportError:  # triton ships with torch's Linux builds only
+    pass
+else:
+    BACKENDS["triton"] = na_triton
 
 
 def available_backends() -> tuple:
@@ -25,9 +31,7 @@ def available_backends() -> tuple:
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> Backend:
     if backend == "auto":
-        # The fused backend is preferred on CUDA once registered; the reference runs everywhere.
-        if q.is_cuda and "triton" in BACKENDS:
-            return BACKENDS["triton"]
+        # The reference until the Triton backend has a fused backward too (issue 4); then Triton on CUDA.
         return BACKENDS["reference"]
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
