@@ -32,6 +32,41 @@ def _window_start(sub_pos, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(
+    H, W, HEADS,
+    KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    """This program's (batch, head, dilation group), its query tile in sub-grid coordinates, each
+    query's window start and the tile's key halo origin."""
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    gh = pid_g // DW
+    gw = pid_g % DW
+    # Sub-grid of dilation group (gh, gw): positions gh, gh + DH, ...
+    len_h = (H - gh + DH - 1) // DH
+    len_w = (W - gw + DW - 1) // DW
+    tiles_w = tl.cdiv(len_w, TILE_W)
+    th = pid_tile // tiles_w
+    tw = pid_tile % tiles_w
+    TQ: tl.constexpr = TILE_H * TILE_W
+    offs_q = tl.arange(0, TQ)
+    qi = th * TILE_H + offs_q // TILE_W
+    qj = tw * TILE_W + offs_q % TILE_W
+    q_valid = (qi < len_h) & (qj < len_w)
+    qi_c = tl.minimum(qi, len_h - 1)
+    qj_c = tl.minimum(qj, len_w - 1)
+    start_h = _window_start(qi_c, len_h, KH, SH)
+    start_w = _window_start(qj_c, len_w, KW, SW)
+    # Windows are monotone in the query position: the tile's first query opens the halo.
+    halo_h = _window_start(th * TILE_H, len_h, KH, SH)
+    halo_w = _window_start(tw * TILE_W, len_w, KW, SW)
+    b = (pid_bh // HEADS).to(tl.int64)
+    return b, pid_bh % HEADS, gh, gw, len_h, len_w, qi_c, qj_c, q_valid, start_h, start_w, halo_h, halo_w
+
+
+@triton.jit
 def _na2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
     s_qb, s_qh, s_qw, s_qn, s_qd,
@@ -45,38 +80,16 @@ def _na2d_fwd_kernel(
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    b = pid_bh // HEADS
-    n = pid_bh % HEADS
-    gh = pid_g // DW
-    gw = pid_g % DW
-    # Sub-grid of dilation group (gh, gw): positions gh, gh + DH, ...
-    len_h = (H - gh + DH - 1) // DH
-    len_w = (W - gw + DW - 1) // DW
-    tiles_w = tl.cdiv(len_w, TILE_W)
-    th = pid_tile // tiles_w
-    tw = pid_tile % tiles_w
-
+    b, n, gh, gw, len_h, len_w, qi_c, qj_c, q_valid, start_h, start_w, halo_h, halo_w = _query_tile(
+        H, W, HEADS, KH, KW, DH, DW, SH, SW, TILE_H, TILE_W
+    )
     TQ: tl.constexpr = TILE_H * TILE_W
-    offs_q = tl.arange(0, TQ)
-    qi = th * TILE_H + offs_q // TILE_W  # sub-grid row of each query
-    qj = tw * TILE_W + offs_q % TILE_W
-    q_valid = (qi < len_h) & (qj < len_w)
-    qi_c = tl.minimum(qi, len_h - 1)
-    qj_c = tl.minimum(qj, len_w - 1)
-    start_h = _window_start(qi_c, len_h, KH, SH)
-    start_w = _window_start(qj_c, len_w, KW, SW)
-    # Windows are monotone in the query position: the tile's first query opens the halo.
-    halo_h = _window_start(th * TILE_H, len_h, KH, SH)
-    halo_w = _window_start(tw * TILE_W, len_w, KW, SW)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     q_rows = (qi_c * DH + gh).to(tl.int64)
     q_cols = (qj_c * DW + gw).to(tl.int64)
-    q_off = b.to(tl.int64) * s_qb + n * s_qn + q_rows * s_qh + q_cols * s_qw
+    q_off = b * s_qb + n * s_qn + q_rows * s_qh + q_cols * s_qw
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * s_qd, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
 
@@ -92,7 +105,7 @@ def _na2d_fwd_kernel(
         ky_c = tl.minimum(ky, len_h - 1)
         k_row = (ky_c * DH + gh).to(tl.int64)
         kv_mask = kx_valid[:, None] & d_valid[None, :] & (ky < len_h)
-        k_off = b.to(tl.int64) * s_kb + n * s_kn + k_row * s_kh + k_cols * s_kw
+        k_off = b * s_kb + n * s_kn + k_row * s_kh + k_cols * s_kw
         k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
         if IEEE:  # fp32 inputs: full-precision products, not TF32
             s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)  # [TQ, BLOCK_KW]
@@ -112,7 +125,7 @@ def _na2d_fwd_kernel(
         p = tl.exp(s - m_new[:, None])
         p = tl.where(in_window, p, 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_off = b.to(tl.int64) * s_vb + n * s_vn + k_row * s_vh + k_cols * s_vw
+        v_off = b * s_vb + n * s_vn + k_row * s_vh + k_cols * s_vw
         v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
@@ -122,9 +135,9 @@ def _na2d_fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     # Log-sum-exp per query, [B, heads, H, W] contiguous, for the backward.
-    lse_off = (b.to(tl.int64) * HEADS + n) * H * W + q_rows * W + q_cols
+    lse_off = (b * HEADS + n) * H * W + q_rows * W + q_cols
     tl.store(lse_ptr + lse_off, m_i + tl.log(l_i), mask=q_valid)
-    o_off = b.to(tl.int64) * s_ob + n * s_on + q_rows * s_oh + q_cols * s_ow
+    o_off = b * s_ob + n * s_on + q_rows * s_oh + q_cols * s_ow
     tl.store(
         out_ptr + o_off[:, None] + offs_d[None, :] * s_od,
         out.to(out_ptr.dtype.element_ty),
@@ -149,43 +162,22 @@ def _na2d_bwd_kernel(
 ):
     # Same tiling as the forward. Per halo row: recompute P from the saved log-sum-exp, then
     # dQ accumulates in registers while dK, dV (and the rpb gradient) are added atomically in fp32.
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    b = pid_bh // HEADS
-    n = pid_bh % HEADS
-    gh = pid_g // DW
-    gw = pid_g % DW
-    len_h = (H - gh + DH - 1) // DH
-    len_w = (W - gw + DW - 1) // DW
-    tiles_w = tl.cdiv(len_w, TILE_W)
-    th = pid_tile // tiles_w
-    tw = pid_tile % tiles_w
-
+    b, n, gh, gw, len_h, len_w, qi_c, qj_c, q_valid, start_h, start_w, halo_h, halo_w = _query_tile(
+        H, W, HEADS, KH, KW, DH, DW, SH, SW, TILE_H, TILE_W
+    )
     TQ: tl.constexpr = TILE_H * TILE_W
-    offs_q = tl.arange(0, TQ)
-    qi = th * TILE_H + offs_q // TILE_W
-    qj = tw * TILE_W + offs_q % TILE_W
-    q_valid = (qi < len_h) & (qj < len_w)
-    qi_c = tl.minimum(qi, len_h - 1)
-    qj_c = tl.minimum(qj, len_w - 1)
-    start_h = _window_start(qi_c, len_h, KH, SH)
-    start_w = _window_start(qj_c, len_w, KW, SW)
-    halo_h = _window_start(th * TILE_H, len_h, KH, SH)
-    halo_w = _window_start(tw * TILE_W, len_w, KW, SW)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     q_mask = q_valid[:, None] & d_valid[None, :]
     q_rows = (qi_c * DH + gh).to(tl.int64)
     q_cols = (qj_c * DW + gw).to(tl.int64)
-    b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + (b64 * s_qb + n * s_qn + q_rows * s_qh + q_cols * s_qw)[:, None] + offs_d[None, :] * s_qd,
+    q = tl.load(q_ptr + (b * s_qb + n * s_qn + q_rows * s_qh + q_cols * s_qw)[:, None] + offs_d[None, :] * s_qd,
                 mask=q_mask, other=0.0)
     q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
-    do = tl.load(do_ptr + (b64 * s_ob + n * s_on + q_rows * s_oh + q_cols * s_ow)[:, None] + offs_d[None, :] * s_od,
+    do = tl.load(do_ptr + (b * s_ob + n * s_on + q_rows * s_oh + q_cols * s_ow)[:, None] + offs_d[None, :] * s_od,
                  mask=q_mask, other=0.0)
-    stat_off = (b64 * HEADS + n) * H * W + q_rows * W + q_cols
+    stat_off = (b * HEADS + n) * H * W + q_rows * W + q_cols
     lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
     delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
 
@@ -198,9 +190,9 @@ def _na2d_bwd_kernel(
         ky = halo_h + r
         k_row = (tl.minimum(ky, len_h - 1) * DH + gh).to(tl.int64)
         kv_mask = kx_valid[:, None] & d_valid[None, :] & (ky < len_h)
-        k = tl.load(k_ptr + (b64 * s_kb + n * s_kn + k_row * s_kh + k_cols * s_kw)[:, None] + offs_d[None, :] * s_kd,
+        k = tl.load(k_ptr + (b * s_kb + n * s_kn + k_row * s_kh + k_cols * s_kw)[:, None] + offs_d[None, :] * s_kd,
                     mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (b64 * s_vb + n * s_vn + k_row * s_vh + k_cols * s_vw)[:, None] + offs_d[None, :] * s_vd,
+        v = tl.load(v_ptr + (b * s_vb + n * s_vn + k_row * s_vh + k_cols * s_vw)[:, None] + offs_d[None, :] * s_vd,
                     mask=kv_mask, other=0.0)
         in_window = (
             ((ky >= start_h) & (ky < start_h + KH))[:, None]
@@ -230,10 +222,10 @@ def _na2d_bwd_kernel(
             dv_tile = tl.dot(tl.trans(p.to(do.dtype)), do, out_dtype=tl.float32)
             dk_tile = tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=tl.float32)
             dq += tl.dot(ds.to(k.dtype), k, out_dtype=tl.float32)
-        g_off = (b64 * s_gb + n * s_gn + k_row * s_gh + k_cols * s_gw)[:, None] + offs_d[None, :] * s_gd
+        g_off = (b * s_gb + n * s_gn + k_row * s_gh + k_cols * s_gw)[:, None] + offs_d[None, :] * s_gd
         tl.atomic_add(dv_ptr + g_off, dv_tile, mask=kv_mask)
         tl.atomic_add(dk_ptr + g_off, dk_tile, mask=kv_mask)
-    dq_off = (b64 * s_gb + n * s_gn + q_rows * s_gh + q_cols * s_gw)[:, None] + offs_d[None, :] * s_gd
+    dq_off = (b * s_gb + n * s_gn + q_rows * s_gh + q_cols * s_gw)[:, None] + offs_d[None, :] * s_gd
     tl.store(dq_ptr + dq_off, dq * scale, mask=q_mask)
 
 
