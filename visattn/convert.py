@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -77,23 +77,15 @@ def _listing(title: str, keys: List[str], limit: int = 12) -> str:
     return f"{title} ({len(keys)}): {shown}"
 
 
-def check_state_dict(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    ignore_shape: Iterable[str] = (),
-) -> None:
-    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` fits ``model`` exactly.
-
-    ``ignore_shape`` names keys whose shape may differ (e.g. a classifier that will be dropped).
-    """
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` fits ``model`` exactly."""
     expected = model.state_dict()
-    ignore = set(ignore_shape)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     misshaped = [
         f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
         for k in expected
-        if k in state_dict and k not in ignore and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     if not (missing or unexpected or misshaped):
         return
