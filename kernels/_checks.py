@@ -90,8 +90,8 @@ def check_na_args(
     strd = _per_axis("stride", stride, ndim)
     spatial = tuple(int(s) for s in q.shape[1 : 1 + ndim])
     for axis, (length, ks, d, s) in enumerate(zip(spatial, kernel, dil, strd)):
-        if ks < 1 or ks % 2 == 0:
-            raise ValueError(f"{fn}: kernel_size must be odd and >= 1 on every axis, got {kernel}")
+        if ks < 1:
+            raise ValueError(f"{fn}: kernel_size must be >= 1 on every axis, got {kernel}")
         if d < 1:
             raise ValueError(f"{fn}: dilation must be >= 1 on every axis, got {dil}")
         if s < 1 or s > ks:

@@ -5,7 +5,8 @@ strides are fine, e.g. slices of a fused qkv projection) and return ``[B, *spati
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import warnings
+from typing import Callable, Dict, Optional, Set
 
 import torch
 
@@ -17,11 +18,13 @@ Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NAParams, Optional
 # Name -> implementation.
 BACKENDS: Dict[str, Backend] = {"reference": na_reference}
 try:
-    from .triton_na2d import na_triton
+    from .triton_na import na_triton, unsupported_reason
 except ImportError:  # triton ships with torch's Linux builds only
-    pass
+    unsupported_reason = None
 else:
     BACKENDS["triton"] = na_triton
+
+_warned: Set[str] = set()
 
 
 def available_backends() -> tuple:
@@ -29,9 +32,19 @@ def available_backends() -> tuple:
     return tuple(BACKENDS)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> Backend:
+def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> Backend:
     if backend == "auto":
-        # The reference until the Triton backend has a fused backward too (issue 4); then Triton on CUDA.
+        # Triton for CUDA tensors it supports; the reference otherwise (CPU, float64, ...), with a
+        # one-time warning when a CUDA call falls back.
+        if not q.is_cuda:
+            return BACKENDS["reference"]
+        reason = unsupported_reason(q, v) if unsupported_reason is not None else "a torch build without triton"
+        if reason is None:
+            return BACKENDS["triton"]
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"visattn.kernels: neighborhood attention falls back to the (slow) reference backend: "
+                          f"the triton backend does not support {reason}", stacklevel=4)
         return BACKENDS["reference"]
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
@@ -51,7 +64,7 @@ def _na(
     backend: str,
 ) -> torch.Tensor:
     params = check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
-    return _resolve_backend(backend, q)(q, k, v, params, rpb)
+    return _resolve_backend(backend, q, v)(q, k, v, params, rpb)
 
 
 def na1d(
@@ -69,13 +82,15 @@ def na1d(
 
     Args:
         q, k, v: ``[B, L, heads, D]`` (v may have its own head_dim).
-        kernel_size: odd window size; ``L >= kernel_size * dilation``.
+        kernel_size: window size (odd, or even as in NATTEN >= 0.20: the query then sits at
+            ``kernel_size // 2`` in its window); ``L >= kernel_size * dilation``.
         dilation: gap between attended keys (NA runs on each of the ``dilation`` sub-sequences).
         stride: queries in groups of ``stride`` share one window (``stride == kernel_size`` is
             non-overlapping window attention); ``1 <= stride <= kernel_size``.
         rpb: optional relative position bias ``[heads, 2 * kernel_size - 1]``.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"``, or a name from :func:`available_backends`.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors of a supported dtype and
+            head_dim, else the reference), or a name from :func:`available_backends`.
 
     Returns:
         ``[B, L, heads, D_v]``.

@@ -346,6 +346,10 @@ NATTEN_2D_CASES = [
     (9, 9, 7, 1, 7),
     (17, 19, 3, (2, 3), (3, 2)),
     (14, 11, (5, 3), (2, 3), (5, 1)),
+    # Even kernels (NATTEN >= 0.20 allows them): window attention and shifted windows.
+    (32, 32, 16, 1, 16),
+    (20, 23, 4, 2, 3),
+    (21, 24, (2, 6), (3, 2), (2, 5)),
 ]
 
 
@@ -390,9 +394,9 @@ BAD_INPUTS = [
     pytest.param(
         lambda q, k, v: na2d(q, k, v[:, :, :11], 3), r"v must match k in every dim but head_dim", id="v_shape"
     ),
-    pytest.param(lambda q, k, v: na2d(q, k, v, 4), r"kernel_size must be odd", id="even_kernel"),
+    pytest.param(lambda q, k, v: na2d(q, k, v, 0), r"kernel_size must be >= 1", id="zero_kernel"),
     pytest.param(
-        lambda q, k, v: na2d(q, k, v, (3, 2)), r"kernel_size must be odd .* got \(3, 2\)", id="even_kernel_axis"
+        lambda q, k, v: na2d(q, k, v, (3, -1)), r"kernel_size must be >= 1 .* got \(3, -1\)", id="negative_kernel_axis"
     ),
     pytest.param(
         lambda q, k, v: na2d(q, k, v, 5, 3),

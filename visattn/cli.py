@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: ``list``, ``info NAME`` and ``demo``."""
+"""The ``visattn`` command line: ``list``, ``info NAME``, ``demo`` and ``bench``."""
 import argparse
 import difflib
 import json
@@ -112,10 +112,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the benchmarks pull in triton and (for plots) matplotlib.
+    from visattn.bench import model as bench_model, na as bench_na
+
+    return {"na": bench_na, "model": bench_model}[args.bench].main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``visattn`` argument parser with its ``list``, ``info`` and ``demo`` subcommands."""
+    """The ``visattn`` argument parser with its ``list``, ``info``, ``demo`` and ``bench`` subcommands."""
+    from visattn.bench import model as bench_model, na as bench_na
+
     parser = argparse.ArgumentParser(prog="visattn", description="visattn: timm-compatible attention vision models")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,info,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,info,demo,bench}")
 
     p = sub.add_parser("list", help="registered models with official name, params and GMACs")
     p.add_argument("--filter", default="visattn_*", metavar="PATTERN", help="wildcard pattern (default: visattn_*)")
@@ -130,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", metavar="PATTERN", help="names or wildcard patterns (default: all)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="GPU benchmarks: kernels against their alternatives, whole-model training")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,model}")
+    for name, module, help_text in (
+        ("na", bench_na, "neighborhood attention: Triton vs flex_attention, natten, reference, dense SDPA"),
+        ("model", bench_model, "training throughput: visattn models on each backend vs timm's Swin"),
+    ):
+        module.add_arguments(bench.add_parser(name, help=help_text, description=module.__doc__))
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

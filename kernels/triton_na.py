@@ -1,0 +1,605 @@
+"""Fused Triton kernels of 1-D / 2-D / 3-D neighborhood attention (dilation, stride, rpb).
+
+Every call is lifted to three spatial axes ``(T, H, W)`` (a 2-D call has ``T == 1``, a 1-D call
+``T == H == 1``), so one set of kernels serves all ranks. Dilation splits each axis into
+interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
+
+* Forward, query-centric: a program owns a tile of ``TILE_T x TILE_H x TILE_W`` queries. Their
+  windows lie inside a key *halo* of ``TILE + kernel + stride - 2`` positions per axis; the program
+  walks the halo one key row (``BLOCK_KW`` keys along W) at a time, computes the logits of the whole
+  query tile against the row with ``tl.dot``, masks keys outside each query's own window, adds the
+  rpb and folds the row into an online softmax (base 2). Only the output and the log-sum-exp reach
+  memory: nothing of size ``N x k^d``.
+* Backward, query-centric (``_na_bwd_dq_kernel``): the same walk recomputes the probabilities from
+  the log-sum-exp and accumulates dQ in registers; the rpb gradient goes to a small fp32 scratch of
+  ``_RPB_SLOTS`` partial sums per head (atomics spread over the slots, summed afterwards), and
+  ``delta = rowsum(dO * O)`` is written for the second kernel.
+* Backward, key-centric (``_na_bwd_dkdv_kernel``): a program owns a tile of keys and walks the
+  queries whose windows can contain them (the inverse neighborhood, a box per axis), accumulating
+  dK and dV in registers: no atomics and no fp32 copies of the gradients.
+
+Launch configurations (tile shape, warps, pipeline stages) are tuned on the GPU once per shape
+class (:func:`_tuned`); under ``TRITON_INTERPRET=1`` (CPU), which cannot time kernels, the first
+candidate is used.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import NAParams
+
+LOG2E = 1.4426950408889634
+# Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
+_RPB_SLOTS = 128
+
+
+@triton.jit
+def _window_start(sub_pos, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    # NATTEN semantics on one sub-grid axis: the window of the stride group's centre query,
+    # shifted to stay inside [0, sub_len).
+    leader = tl.minimum((sub_pos // STRIDE) * STRIDE + STRIDE // 2, sub_len - 1)
+    return tl.minimum(tl.maximum(leader - KERNEL // 2, 0), sub_len - KERNEL)
+
+
+@triton.jit
+def _query_range(j0, j1, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    # Smallest box [lo, hi] of queries whose windows can contain a key in [j0, j1]; windows are
+    # monotone in the query, and the bounds follow from leader - (STRIDE-1) + STRIDE//2 <= ...
+    lo = tl.where(j0 <= KERNEL - 1, 0, tl.maximum(j0 - KERNEL // 2 - STRIDE // 2, 0))
+    hi = tl.where(j1 >= sub_len - KERNEL, sub_len - 1,
+                  tl.minimum(j1 + KERNEL // 2 + STRIDE - 1 - STRIDE // 2, sub_len - 1))
+    return lo, hi
+
+
+@triton.jit
+def _subgrid(T, H, W, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """This program's dilation group (grid axis 2) and the sub-grid lengths it implies."""
+    pid_g = tl.program_id(2)
+    gt = pid_g // (DH * DW)
+    gh = (pid_g // DW) % DH
+    gw = pid_g % DW
+    return gt, gh, gw, (T - gt + DT - 1) // DT, (H - gh + DH - 1) // DH, (W - gw + DW - 1) // DW
+
+
+@triton.jit
+def _tile(len_t, len_h, len_w, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Sub-grid coordinates of this program's tile (grid axis 0): its origin and its positions,
+    clamped into the sub-grid, with their validity."""
+    pid = tl.program_id(0)
+    tiles_w = tl.cdiv(len_w, TILE_W)
+    tiles_h = tl.cdiv(len_h, TILE_H)
+    t0 = (pid // (tiles_w * tiles_h)) * TILE_T
+    h0 = ((pid // tiles_w) % tiles_h) * TILE_H
+    w0 = (pid % tiles_w) * TILE_W
+    offs = tl.arange(0, TILE_T * TILE_H * TILE_W)
+    pt = t0 + offs // (TILE_H * TILE_W)
+    ph = h0 + (offs // TILE_W) % TILE_H
+    pw = w0 + offs % TILE_W
+    valid = (pt < len_t) & (ph < len_h) & (pw < len_w)
+    return t0, h0, w0, tl.minimum(pt, len_t - 1), tl.minimum(ph, len_h - 1), tl.minimum(pw, len_w - 1), valid
+
+
+@triton.jit
+def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+             s_b, s_t, s_h, s_w, s_n):
+    """Element offsets of sub-grid positions (pt, ph, pw) in a [B, T, H, W, heads, D] tensor."""
+    return (b * s_b + n * s_n + (pt * DT + gt).to(tl.int64) * s_t + (ph * DH + gh).to(tl.int64) * s_h
+            + (pw * DW + gw).to(tl.int64) * s_w)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full-precision products, not TF32
+        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, out_dtype=tl.float32)
+
+
+@triton.jit
+def _na_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
+    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
+    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
+    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
+    s_ob, s_ot, s_oh, s_ow, s_on, s_od,
+    s_rn, s_rt, s_rh, s_rw,
+    T, H, W, HEADS, HEAD_DIM, qk_scale,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+):
+    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
+    t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
+    HALO_T: tl.constexpr = TILE_T + KT + ST - 2
+    HALO_H: tl.constexpr = TILE_H + KH + SH - 2
+
+    start_t = _window_start(qt, len_t, KT, ST)
+    start_h = _window_start(qh, len_h, KH, SH)
+    start_w = _window_start(qw, len_w, KW, SW)
+    # Windows are monotone in the query position: the tile's first query opens the halo.
+    halo_t = _window_start(t0, len_t, KT, ST)
+    halo_h = _window_start(h0, len_h, KH, SH)
+    halo_w = _window_start(w0, len_w, KW, SW)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * s_qd, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    # Scale (and log2(e), for exp2) folded into q once.
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+
+    # Loop-invariant parts of the key columns: which lie in each query's window, their rpb column.
+    kx = halo_w + tl.arange(0, BLOCK_KW)
+    kx_valid = kx < len_w
+    kx_c = tl.minimum(kx, len_w - 1)
+    in_cols = (kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW) & kx_valid[None, :]
+    rpb_cols = n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
+
+    m_i = tl.full([TQ], -1.0e30, tl.float32)
+    l_i = tl.zeros([TQ], tl.float32)
+    acc = tl.zeros([TQ, BLOCK_D], tl.float32)
+    for a in range(0, HALO_T):
+        kt = halo_t + a
+        in_t = (kt >= start_t) & (kt < start_t + KT)
+        for r in range(0, HALO_H):
+            ky = halo_h + r
+            row_valid = (kt < len_t) & (ky < len_h)
+            in_window = (in_t & (ky >= start_h) & (ky < start_h + KH))[:, None] & in_cols
+            kv_mask = kx_valid[:, None] & d_valid[None, :] & row_valid
+            kt_c = tl.minimum(kt, len_t - 1)
+            ky_c = tl.minimum(ky, len_h - 1)
+            k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_KW], base-2 logits
+            if HAS_RPB:
+                rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt + (ky - qh + KH - 1) * s_rh)[:, None]
+                s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.where(in_window, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.where(in_window, tl.exp2(s - m_new[:, None]), 0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m_i = m_new
+    out = acc / l_i[:, None]
+    # Base-2 log-sum-exp per query, [B, heads, T * H * W] contiguous, for the backward.
+    lse_off = (b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw * DW + gw
+    tl.store(lse_ptr + lse_off, m_i + tl.log2(l_i), mask=q_valid)
+    o_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
+    tl.store(out_ptr + o_off[:, None] + offs_d[None, :] * s_od, out.to(out_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
+    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
+    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
+    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
+    s_ob, s_ot, s_oh, s_ow, s_on, s_od,
+    s_gb, s_gt, s_gh, s_gw, s_gn, s_gd,
+    s_dqb, s_dqt, s_dqh, s_dqw, s_dqn, s_dqd,
+    s_rn, s_rt, s_rh, s_rw,
+    T, H, W, HEADS, HEAD_DIM, qk_scale, scale, RPB_SLOTS, RPB_NUMEL,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+):
+    # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
+    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
+    t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
+    HALO_T: tl.constexpr = TILE_T + KT + ST - 2
+    HALO_H: tl.constexpr = TILE_H + KH + SH - 2
+
+    start_t = _window_start(qt, len_t, KT, ST)
+    start_h = _window_start(qh, len_h, KH, SH)
+    start_w = _window_start(qw, len_w, KW, SW)
+    halo_t = _window_start(t0, len_t, KT, ST)
+    halo_h = _window_start(h0, len_h, KH, SH)
+    halo_w = _window_start(w0, len_w, KW, SW)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)[:, None]
+                + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_gb, s_gt, s_gh, s_gw, s_gn)[:, None]
+                 + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+    o = tl.load(out_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
+                + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat_off = (b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw * DW + gw
+    tl.store(delta_ptr + stat_off, delta, mask=q_valid)
+    lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
+
+    kx = halo_w + tl.arange(0, BLOCK_KW)
+    kx_valid = kx < len_w
+    kx_c = tl.minimum(kx, len_w - 1)
+    in_cols = ((kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW)
+               & kx_valid[None, :] & q_valid[:, None])
+    rpb_cols = (kx[None, :] - qw[:, None] + KW - 1) * s_rw
+    # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
+    slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS
+    drpb_base = drpb_ptr + (n * RPB_SLOTS + slot) * RPB_NUMEL
+
+    dq = tl.zeros([TQ, BLOCK_D], tl.float32)
+    for a in range(0, HALO_T):
+        kt = halo_t + a
+        in_t = (kt >= start_t) & (kt < start_t + KT)
+        for r in range(0, HALO_H):
+            ky = halo_h + r
+            row_valid = (kt < len_t) & (ky < len_h)
+            in_window = (in_t & (ky >= start_h) & (ky < start_h + KH))[:, None] & in_cols
+            kv_mask = kx_valid[:, None] & d_valid[None, :] & row_valid
+            kt_c = tl.minimum(kt, len_t - 1)
+            ky_c = tl.minimum(ky, len_h - 1)
+            k = tl.load(k_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)[:, None]
+                        + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)[:, None]
+                        + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), IEEE)
+            rel = rpb_cols + ((kt - qt + KT - 1) * s_rt + (ky - qh + KH - 1) * s_rh)[:, None]
+            if HAS_RPB:
+                s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.where(in_window, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
+            if HAS_RPB:
+                tl.atomic_add(drpb_base + rel, ds, mask=in_window)
+            if IEEE:
+                dq += _dot(ds, k.to(tl.float32), IEEE)
+            else:
+                dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_dqb, s_dqt, s_dqh, s_dqw, s_dqn)
+    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_dqd, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
+    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
+    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
+    s_gb, s_gt, s_gh, s_gw, s_gn, s_gd,
+    s_dkb, s_dkt, s_dkh, s_dkw, s_dkn, s_dkd,
+    s_rn, s_rt, s_rh, s_rw,
+    T, H, W, HEADS, HEAD_DIM, qk_scale,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_QW: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+):
+    # Key-centric: this program's keys, against every query row of their inverse neighborhood, in
+    # the transposed orientation (keys are the rows of every [TK, BLOCK_QW] block).
+    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
+    t0, h0, w0, kt, kh, kw, k_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    TK: tl.constexpr = TILE_T * TILE_H * TILE_W
+
+    lo_t, hi_t = _query_range(t0, tl.minimum(t0 + TILE_T, len_t) - 1, len_t, KT, ST)
+    lo_h, hi_h = _query_range(h0, tl.minimum(h0 + TILE_H, len_h) - 1, len_h, KH, SH)
+    lo_w, hi_w = _query_range(w0, tl.minimum(w0 + TILE_W, len_w) - 1, len_w, KW, SW)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    k_mask = k_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)[:, None]
+                + offs_d[None, :] * s_kd, mask=k_mask, other=0.0)
+    v = tl.load(v_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)[:, None]
+                + offs_d[None, :] * s_vd, mask=k_mask, other=0.0)
+
+    dk = tl.zeros([TK, BLOCK_D], tl.float32)
+    dv = tl.zeros([TK, BLOCK_D], tl.float32)
+    for qt in range(lo_t, hi_t + 1):
+        st = _window_start(qt, len_t, KT, ST)
+        in_t = (kt >= st) & (kt < st + KT) & k_valid
+        for qh in range(lo_h, hi_h + 1):
+            sh = _window_start(qh, len_h, KH, SH)
+            in_th = in_t & (kh >= sh) & (kh < sh + KH)
+            for qw0 in range(lo_w, hi_w + 1, BLOCK_QW):
+                qw = qw0 + tl.arange(0, BLOCK_QW)
+                qw_valid = qw <= hi_w
+                qw_c = tl.minimum(qw, hi_w)
+                sw = _window_start(qw_c, len_w, KW, SW)
+                in_window = (in_th[:, None] & (kw[:, None] >= sw[None, :]) & (kw[:, None] < sw[None, :] + KW)
+                             & qw_valid[None, :])
+                q_mask = qw_valid[:, None] & d_valid[None, :]
+                q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)[:, None]
+                            + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+                q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+                do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_gb, s_gt, s_gh, s_gw, s_gn)[:, None]
+                             + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+                stat_off = ((b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw_c * DW + gw)
+                lse = tl.load(lse_ptr + stat_off, mask=qw_valid, other=0.0)
+                delta = tl.load(delta_ptr + stat_off, mask=qw_valid, other=0.0)
+                s_t = _dot(k, tl.trans(q), IEEE)  # [TK, BLOCK_QW]: logits transposed, base 2
+                if HAS_RPB:
+                    rel = (n * s_rn + ((kt - qt + KT - 1) * s_rt + (kh - qh + KH - 1) * s_rh)[:, None]
+                           + (kw[:, None] - qw_c[None, :] + KW - 1) * s_rw)
+                    s_t += tl.load(rpb_ptr + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
+                p_t = tl.where(in_window, tl.exp2(s_t - lse[None, :]), 0.0)
+                dp_t = _dot(v, tl.trans(do), IEEE)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if IEEE:
+                    dv += _dot(p_t, do.to(tl.float32), IEEE)
+                    dk += _dot(ds_t, q.to(tl.float32), IEEE)
+                else:
+                    dv += _dot(p_t.to(do.dtype), do, IEEE)
+                    dk += _dot(ds_t.to(q.dtype), q, IEEE)
+    # q carried scale * log2(e): dK needs scale alone.
+    dk = dk * (1.0 / 1.4426950408889634)
+    dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_dkb, s_dkt, s_dkh, s_dkw, s_dkn)
+    tl.store(dk_ptr + dk_off[:, None] + offs_d[None, :] * s_dkd, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptr + dk_off[:, None] + offs_d[None, :] * s_dkd, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: lifting to 3-D, launch configurations, tuning.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    tile: Tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+
+
+# Candidates per rank, the interpreter's default first.
+_CANDIDATE_TILES = {
+    1: [(1, 1, 64), (1, 1, 32), (1, 1, 128)],
+    2: [(1, 8, 8), (1, 8, 16), (1, 16, 8), (1, 16, 16)],
+    3: [(2, 4, 8), (4, 4, 4), (2, 8, 8)],
+}
+_CANDIDATE_WARPS = (4, 8)
+_CANDIDATE_STAGES = (2,)
+_TUNED: Dict[tuple, LaunchConfig] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_at_least(x: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(1, x)))))
+
+
+def _candidates(rank: int) -> List[LaunchConfig]:
+    return [LaunchConfig(tile, w, s) for tile in _CANDIDATE_TILES[rank] for w in _CANDIDATE_WARPS for s in _CANDIDATE_STAGES]
+
+
+def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:
+    """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
+    or when ``VISATTN_AUTOTUNE=0``."""
+    candidates = _candidates(rank)
+    if _interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    full_key = (kind, rank) + key
+    if full_key not in _TUNED:
+        import triton.testing
+
+        timings = {}
+        for cfg in candidates:
+            try:
+                timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except triton.runtime.errors.OutOfResources:
+                continue
+        _TUNED[full_key] = min(timings, key=timings.get)
+    return _TUNED[full_key]
+
+
+def _lift(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[B, *spatial, heads, D]`` as a ``[B, T, H, W, heads, D]`` view."""
+    for _ in range(3 - rank):
+        t = t.unsqueeze(1)
+    return t
+
+
+def _lift_params(params: NAParams) -> Tuple[tuple, tuple, tuple]:
+    pad = (1,) * (3 - len(params.spatial))
+    return pad + params.kernel_size, pad + params.dilation, pad + params.stride
+
+
+def _common_meta(q6: torch.Tensor, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
+    B, T, H, W, heads, D = q6.shape
+    (kt, kh, kw), (dt, dh, dw), (st, sh, sw) = _lift_params(params)
+    tt, th, tw = cfg.tile
+    tiles = math.ceil(math.ceil(T / dt) / tt) * math.ceil(math.ceil(H / dh) / th) * math.ceil(math.ceil(W / dw) / tw)
+    grid = (tiles, B * heads, dt * dh * dw)
+    meta = dict(KT=kt, KH=kh, KW=kw, DT=dt, DH=dh, DW=dw, ST=st, SH=sh, SW=sw, TILE_T=tt, TILE_H=th, TILE_W=tw,
+                BLOCK_D=_pow2_at_least(D), IEEE=q6.dtype == torch.float32,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grid, meta
+
+
+def _shape_class(q6: torch.Tensor, params: NAParams, has_rpb: bool) -> tuple:
+    B, T, H, W, heads, D = q6.shape
+    # Size buckets (powers of two of the token count and of the batch x heads) keep tuning per class.
+    return (_lift_params(params), D, q6.dtype, has_rpb, (T * H * W).bit_length(), (B * heads).bit_length())
+
+
+def _rpb_strides(rpb: Optional[torch.Tensor]) -> tuple:
+    if rpb is None:
+        return (0, 0, 0, 0)
+    r = rpb
+    for _ in range(4 - r.dim()):
+        r = r.unsqueeze(1)
+    return r.stride()
+
+
+def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
+               rpb: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on ``[B, *spatial, heads, D]`` (any strides).
+
+    Returns the output (contiguous, input dtype) and the base-2 log-sum-exp ``[B, heads, N]`` (fp32).
+    """
+    rank = len(params.spatial)
+    q6, k6, v6 = (_lift(t, rank) for t in (q, k, v))
+    B, T, H, W, heads, D = q6.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o6 = _lift(out, rank)
+    lse = torch.empty((B, heads, T * H * W), dtype=torch.float32, device=q.device)
+
+    def launch(cfg: LaunchConfig) -> None:
+        grid, meta = _common_meta(q6, params, cfg)
+        tw, (kw, sw) = cfg.tile[2], (meta["KW"], meta["SW"])
+        _na_fwd_kernel[grid](
+            q6, k6, v6, rpb if rpb is not None else q6, o6, lse,
+            *q6.stride(), *k6.stride(), *v6.stride(), *o6.stride(), *_rpb_strides(rpb),
+            T, H, W, heads, D, params.scale * LOG2E,
+            BLOCK_KW=_pow2_at_least(tw + kw + sw - 2), HAS_RPB=rpb is not None, **meta,
+        )
+
+    cfg = _tuned("fwd", _shape_class(q6, params, rpb is not None), rank, launch)
+    launch(cfg)
+    return out, lse
+
+
+def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                params: NAParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32)."""
+    rank = len(params.spatial)
+    q6, k6, v6, o6, g6 = (_lift(t, rank) for t in (q, k, v, out, grad_out))
+    B, T, H, W, heads, D = q6.shape
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq6, dk6, dv6 = (_lift(t, rank) for t in (dq, dk, dv))
+    delta = torch.empty_like(lse)
+    rpb_numel = rpb[0].numel() if rpb is not None else 0
+    # fp32 partial sums of the rpb gradient, [heads, slots, prod(2k - 1)]; zeroed per launch.
+    scratch = torch.empty((heads, _RPB_SLOTS, max(rpb_numel, 1)), dtype=torch.float32, device=q.device)
+    rpb_c = rpb.contiguous() if rpb is not None else None  # its strides index the scratch too
+    shape_class = _shape_class(q6, params, rpb is not None)
+
+    def launch_dq(cfg: LaunchConfig) -> None:
+        grid, meta = _common_meta(q6, params, cfg)
+        if rpb is not None:
+            scratch.zero_()
+        _na_bwd_dq_kernel[grid](
+            q6, k6, v6, rpb_c if rpb is not None else q6, o6, g6, lse, delta, dq6, scratch,
+            *q6.stride(), *k6.stride(), *v6.stride(), *o6.stride(), *g6.stride(), *dq6.stride(), *_rpb_strides(rpb_c),
+            T, H, W, heads, D, params.scale * LOG2E, params.scale, _RPB_SLOTS, max(rpb_numel, 1),
+            BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), HAS_RPB=rpb is not None, **meta,
+        )
+
+    def launch_dkdv(cfg: LaunchConfig) -> None:
+        grid, meta = _common_meta(q6, params, cfg)
+        kw, sw = meta["KW"], meta["SW"]
+        _na_bwd_dkdv_kernel[grid](
+            # dk and dv are both fresh contiguous [..., D] tensors: one set of strides serves both.
+            q6, k6, v6, rpb_c if rpb is not None else q6, g6, lse, delta, dk6, dv6,
+            *q6.stride(), *k6.stride(), *v6.stride(), *g6.stride(), *dk6.stride(), *_rpb_strides(rpb_c),
+            T, H, W, heads, D, params.scale * LOG2E,
+            BLOCK_QW=_pow2_at_least(cfg.tile[2] + 2 * (kw // 2) + sw), HAS_RPB=rpb is not None, **meta,
+        )
+
+    launch_dq(_tuned("bwd_dq", shape_class, rank, launch_dq))  # also writes delta for the next kernel
+    launch_dkdv(_tuned("bwd_dkdv", shape_class, rank, launch_dkdv))
+    drpb = None
+    if rpb is not None:
+        drpb = scratch.sum(1).view(rpb.shape).to(rpb.dtype)
+    return dq, dk, dv, drpb
+
+
+# --------------------------------------------------------------------------------------------
+# The op: custom ops (opaque to torch.compile, with fake implementations) and their autograd.
+# --------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or ``None`` when they can."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if v.shape[-1] != q.shape[-1]:
+        return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if not q.is_cuda and not _interpreting():
+        return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    return None
+
+
+def _params(q: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int],
+            scale: float) -> NAParams:
+    rank = q.dim() - 3
+    return NAParams(tuple(q.shape[1:1 + rank]), tuple(kernel_size), tuple(dilation), tuple(stride),
+                    q.shape[-2], q.shape[-1], scale)
+
+
+@torch.library.custom_op("visattn::na_forward", mutates_args=())
+def _na_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+                   kernel_size: List[int], dilation: List[int], stride: List[int],
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return na_forward(q, k, v, _params(q, kernel_size, dilation, stride, scale), rpb)
+
+
+@_na_forward_op.register_fake
+def _(q, k, v, rpb, kernel_size, dilation, stride, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[-2], math.prod(q.shape[1:-2])), dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::na_backward", mutates_args=())
+def _na_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, kernel_size: List[int],
+                    dilation: List[int], stride: List[int],
+                    scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, drpb = na_backward(grad_out, q, k, v, rpb, out, lse, _params(q, kernel_size, dilation, stride, scale))
+    return dq, dk, dv, (drpb if drpb is not None else q.new_empty(0))
+
+
+@_na_backward_op.register_fake
+def _(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, stride, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(rpb) if rpb is not None else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, rpb, kernel_size, dilation, stride, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, out, lse)
+    ctx.config = (kernel_size, dilation, stride, scale)
+    ctx.has_rpb = rpb is not None
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    dq, dk, dv, drpb = _na_backward_op(grad_out, q, k, v, rpb, out, lse, *ctx.config)
+    return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None, None
+
+
+torch.library.register_autograd("visattn::na_forward", _backward, setup_context=_setup_context)
+
+
+def na_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
+              rpb: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``"triton"`` backend (1-D, 2-D and 3-D); raises ``ValueError`` for calls it cannot run."""
+    reason = unsupported_reason(q, v)
+    if reason is not None:
+        raise ValueError(f"the triton neighborhood-attention backend does not support {reason}")
+    out, _ = _na_forward_op(q, k, v, rpb, list(params.kernel_size), list(params.dilation), list(params.stride),
+                            params.scale)
+    return out

@@ -1,0 +1,55 @@
+"""Timing, memory and reporting helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("visattn bench: the benchmarks time CUDA kernels and need a CUDA device")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def time_ms(fn: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> float:
+    """Median time of ``fn`` in milliseconds (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory ``fn`` allocates on top of what is allocated when it starts."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * n_bytes / (ms * 1e-3)
+
+
+def format_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_json(path: str, payload: Dict[str, object]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
