@@ -114,7 +114,7 @@ def _na_fwd_kernel(
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
     gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
     t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
@@ -139,8 +139,12 @@ def _na_fwd_kernel(
     # Scale (and log2(e), for exp2) folded into q once.
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
 
-    # Loop-invariant parts of the key columns: which lie in each query's window, their rpb column.
-    kx = halo_w + tl.arange(0, BLOCK_KW)
+    # A step covers ROWS key rows of BLOCK_KW columns; key e of a step is row e // BLOCK_KW,
+    # column e % BLOCK_KW. Column-only quantities are loop-invariant.
+    BLOCK_K: tl.constexpr = ROWS * BLOCK_KW
+    e = tl.arange(0, BLOCK_K)
+    kr = e // BLOCK_KW
+    kx = halo_w + e % BLOCK_KW
     kx_valid = kx < len_w
     kx_c = tl.minimum(kx, len_w - 1)
     in_cols = (kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW) & kx_valid[None, :]
@@ -151,19 +155,19 @@ def _na_fwd_kernel(
     acc = tl.zeros([TQ, BLOCK_D], tl.float32)
     for a in range(0, HALO_T):
         kt = halo_t + a
+        kt_c = tl.minimum(kt, len_t - 1)
         in_t = (kt >= start_t) & (kt < start_t + KT)
-        for r in range(0, HALO_H):
-            ky = halo_h + r
-            row_valid = (kt < len_t) & (ky < len_h)
-            in_window = (in_t & (ky >= start_h) & (ky < start_h + KH))[:, None] & in_cols
-            kv_mask = kx_valid[:, None] & d_valid[None, :] & row_valid
-            kt_c = tl.minimum(kt, len_t - 1)
+        for r in range(0, HALO_H, ROWS):
+            ky = halo_h + r + kr
             ky_c = tl.minimum(ky, len_h - 1)
+            in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None]) & (ky[None, :] < start_h[:, None] + KH)
+                         & in_cols)
+            kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_KW], base-2 logits
+            s = _dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
             if HAS_RPB:
-                rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt + (ky - qh + KH - 1) * s_rh)[:, None]
+                rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
                 s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.where(in_window, s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -198,7 +202,8 @@ def _na_bwd_dq_kernel(
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
     gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
@@ -231,7 +236,10 @@ def _na_bwd_dq_kernel(
     tl.store(delta_ptr + stat_off, delta, mask=q_valid)
     lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
 
-    kx = halo_w + tl.arange(0, BLOCK_KW)
+    BLOCK_K: tl.constexpr = ROWS * BLOCK_KW
+    e = tl.arange(0, BLOCK_K)
+    kr = e // BLOCK_KW
+    kx = halo_w + e % BLOCK_KW
     kx_valid = kx < len_w
     kx_c = tl.minimum(kx, len_w - 1)
     in_cols = ((kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW)
@@ -240,31 +248,53 @@ def _na_bwd_dq_kernel(
     # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
     slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS
     drpb_base = drpb_ptr + (n * RPB_SLOTS + slot) * RPB_NUMEL
+    # RPB_DOT: reduce dS over the queries of each tile row with one matmul per step (rows
+    # (tile row i, key row rr) x columns rpb offset y) against a 0/1 matrix that maps (query column
+    # j, key column c) to the offset c - j + const; then only [QROWS * ROWS, BLOCK_R] atomics remain.
+    QROWS: tl.constexpr = TILE_T * TILE_H
+    if RPB_DOT:
+        jc = tl.arange(0, TILE_W * BLOCK_KW)
+        y = tl.arange(0, BLOCK_R)
+        col_rel = halo_w + jc % BLOCK_KW - (w0 + jc // BLOCK_KW) + KW - 1
+        onehot = (col_rel[:, None] == y[None, :]).to(tl.float32)  # [TILE_W * BLOCK_KW, BLOCK_R]
+        ir = tl.arange(0, QROWS * ROWS)
+        row_t = t0 + (ir // ROWS) // TILE_H  # query position of each reduced row
+        row_h = h0 + (ir // ROWS) % TILE_H
+        row_kr = ir % ROWS
 
     dq = tl.zeros([TQ, BLOCK_D], tl.float32)
     for a in range(0, HALO_T):
         kt = halo_t + a
+        kt_c = tl.minimum(kt, len_t - 1)
         in_t = (kt >= start_t) & (kt < start_t + KT)
-        for r in range(0, HALO_H):
-            ky = halo_h + r
-            row_valid = (kt < len_t) & (ky < len_h)
-            in_window = (in_t & (ky >= start_h) & (ky < start_h + KH))[:, None] & in_cols
-            kv_mask = kx_valid[:, None] & d_valid[None, :] & row_valid
-            kt_c = tl.minimum(kt, len_t - 1)
+        for r in range(0, HALO_H, ROWS):
+            ky = halo_h + r + kr
             ky_c = tl.minimum(ky, len_h - 1)
+            in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None]) & (ky[None, :] < start_h[:, None] + KH)
+                         & in_cols)
+            kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k = tl.load(k_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)[:, None]
                         + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)[:, None]
                         + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), IEEE)
-            rel = rpb_cols + ((kt - qt + KT - 1) * s_rt + (ky - qh + KH - 1) * s_rh)[:, None]
+            rel = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
             if HAS_RPB:
                 s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.where(in_window, tl.exp2(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
             if HAS_RPB:
-                tl.atomic_add(drpb_base + rel, ds, mask=in_window)
+                if RPB_DOT:
+                    ds_rows = tl.reshape(tl.permute(tl.reshape(ds, (QROWS, TILE_W, ROWS, BLOCK_KW)), (0, 2, 1, 3)),
+                                         (QROWS * ROWS, TILE_W * BLOCK_KW))
+                    part = _dot(ds_rows, onehot, True)  # [QROWS * ROWS, BLOCK_R]
+                    rt = kt - row_t + KT - 1
+                    rh = halo_h + r + row_kr - row_h + KH - 1
+                    ok = ((rt >= 0) & (rt < 2 * KT - 1) & (rh >= 0) & (rh < 2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
+                    tl.atomic_add(drpb_base + (rt * s_rt + rh * s_rh)[:, None] + y[None, :] * s_rw, part, mask=ok)
+                else:
+                    tl.atomic_add(drpb_base + rel, ds, mask=in_window)
             if IEEE:
                 dq += _dot(ds, k.to(tl.float32), IEEE)
             else:
@@ -362,19 +392,25 @@ def _na_bwd_dkdv_kernel(
 @dataclass(frozen=True)
 class LaunchConfig:
     tile: Tuple[int, int, int]
+    rows: int  # key rows per step of the query-centric kernels
     num_warps: int
     num_stages: int
 
 
 # Candidates per rank, the interpreter's default first.
+# Few on purpose: every candidate is a compilation (about a second) per kernel and shape class.
+# From tools/tune_na.py on an H100: small tiles and 4 warps win; 8x16 only for k >= 13 or windows.
 _CANDIDATE_TILES = {
-    1: [(1, 1, 64), (1, 1, 32), (1, 1, 128)],
-    2: [(1, 8, 8), (1, 8, 16), (1, 16, 8), (1, 16, 16)],
-    3: [(2, 4, 8), (4, 4, 4), (2, 8, 8)],
+    1: [(1, 1, 64), (1, 1, 128)],
+    2: [(1, 8, 8), (1, 8, 16)],
+    3: [(2, 4, 8), (1, 8, 8)],
 }
-_CANDIDATE_WARPS = (4, 8)
+_CANDIDATE_ROWS = (2, 1)
+_CANDIDATE_WARPS = (4,)
 _CANDIDATE_STAGES = (2,)
 _TUNED: Dict[tuple, LaunchConfig] = {}
+# Milliseconds of every candidate timed for a key (read by tools/tune_na.py).
+TIMINGS: Dict[tuple, Dict[LaunchConfig, float]] = {}
 
 
 def _interpreting() -> bool:
@@ -385,14 +421,16 @@ def _pow2_at_least(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, x)))))
 
 
-def _candidates(rank: int) -> List[LaunchConfig]:
-    return [LaunchConfig(tile, w, s) for tile in _CANDIDATE_TILES[rank] for w in _CANDIDATE_WARPS for s in _CANDIDATE_STAGES]
+def _candidates(kind: str, rank: int) -> List[LaunchConfig]:
+    rows = (1,) if kind == "bwd_dkdv" else _CANDIDATE_ROWS  # the key-centric kernel walks single rows
+    return [LaunchConfig(tile, r, w, s) for tile in _CANDIDATE_TILES[rank] for r in rows
+            for w in _CANDIDATE_WARPS for s in _CANDIDATE_STAGES]
 
 
 def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:
     """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
     or when ``VISATTN_AUTOTUNE=0``."""
-    candidates = _candidates(rank)
+    candidates = _candidates(kind, rank)
     if _interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
         return candidates[0]
     full_key = (kind, rank) + key
@@ -405,15 +443,20 @@ def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], No
                 timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
             except triton.runtime.errors.OutOfResources:
                 continue
+        TIMINGS[full_key] = timings
         _TUNED[full_key] = min(timings, key=timings.get)
     return _TUNED[full_key]
 
 
-def _lift(t: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[B, *spatial, heads, D]`` as a ``[B, T, H, W, heads, D]`` view."""
-    for _ in range(3 - rank):
-        t = t.unsqueeze(1)
-    return t
+def _strides(t: torch.Tensor, rank: int) -> tuple:
+    """Strides of ``[B, *spatial, heads, D]`` as a ``[B, T, H, W, heads, D]`` tensor (missing axes: 0)."""
+    st = t.stride()
+    return (st[0],) + (0,) * (3 - rank) + st[1:]
+
+
+def _dims(q: torch.Tensor, rank: int) -> tuple:
+    """``(B, T, H, W, heads, D)`` of a ``[B, *spatial, heads, D]`` tensor."""
+    return (q.shape[0],) + (1,) * (3 - rank) + tuple(q.shape[1:])
 
 
 def _lift_params(params: NAParams) -> Tuple[tuple, tuple, tuple]:
@@ -421,22 +464,22 @@ def _lift_params(params: NAParams) -> Tuple[tuple, tuple, tuple]:
     return pad + params.kernel_size, pad + params.dilation, pad + params.stride
 
 
-def _common_meta(q6: torch.Tensor, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
-    B, T, H, W, heads, D = q6.shape
+def _common_meta(dims: tuple, dtype: torch.dtype, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
+    B, T, H, W, heads, D = dims
     (kt, kh, kw), (dt, dh, dw), (st, sh, sw) = _lift_params(params)
     tt, th, tw = cfg.tile
     tiles = math.ceil(math.ceil(T / dt) / tt) * math.ceil(math.ceil(H / dh) / th) * math.ceil(math.ceil(W / dw) / tw)
     grid = (tiles, B * heads, dt * dh * dw)
     meta = dict(KT=kt, KH=kh, KW=kw, DT=dt, DH=dh, DW=dw, ST=st, SH=sh, SW=sw, TILE_T=tt, TILE_H=th, TILE_W=tw,
-                BLOCK_D=_pow2_at_least(D), IEEE=q6.dtype == torch.float32,
+                BLOCK_D=_pow2_at_least(D), IEEE=dtype == torch.float32,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grid, meta
 
 
-def _shape_class(q6: torch.Tensor, params: NAParams, has_rpb: bool) -> tuple:
-    B, T, H, W, heads, D = q6.shape
+def _shape_class(dims: tuple, dtype: torch.dtype, params: NAParams, has_rpb: bool) -> tuple:
+    B, T, H, W, heads, D = dims
     # Size buckets (powers of two of the token count and of the batch x heads) keep tuning per class.
-    return (_lift_params(params), D, q6.dtype, has_rpb, (T * H * W).bit_length(), (B * heads).bit_length())
+    return (_lift_params(params), D, dtype, has_rpb, (T * H * W).bit_length(), (B * heads).bit_length())
 
 
 def _rpb_strides(rpb: Optional[torch.Tensor]) -> tuple:
@@ -455,23 +498,22 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
     Returns the output (contiguous, input dtype) and the base-2 log-sum-exp ``[B, heads, N]`` (fp32).
     """
     rank = len(params.spatial)
-    q6, k6, v6 = (_lift(t, rank) for t in (q, k, v))
-    B, T, H, W, heads, D = q6.shape
+    dims = _dims(q, rank)
+    B, T, H, W, heads, D = dims
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    o6 = _lift(out, rank)
     lse = torch.empty((B, heads, T * H * W), dtype=torch.float32, device=q.device)
 
     def launch(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(q6, params, cfg)
+        grid, meta = _common_meta(dims, q.dtype, params, cfg)
         tw, (kw, sw) = cfg.tile[2], (meta["KW"], meta["SW"])
         _na_fwd_kernel[grid](
-            q6, k6, v6, rpb if rpb is not None else q6, o6, lse,
-            *q6.stride(), *k6.stride(), *v6.stride(), *o6.stride(), *_rpb_strides(rpb),
+            q, k, v, rpb if rpb is not None else q, out, lse,
+            *_strides(q, rank), *_strides(k, rank), *_strides(v, rank), *_strides(out, rank), *_rpb_strides(rpb),
             T, H, W, heads, D, params.scale * LOG2E,
-            BLOCK_KW=_pow2_at_least(tw + kw + sw - 2), HAS_RPB=rpb is not None, **meta,
+            BLOCK_KW=_pow2_at_least(tw + kw + sw - 2), ROWS=cfg.rows, HAS_RPB=rpb is not None, **meta,
         )
 
-    cfg = _tuned("fwd", _shape_class(q6, params, rpb is not None), rank, launch)
+    cfg = _tuned("fwd", _shape_class(dims, q.dtype, params, rpb is not None), rank, launch)
     launch(cfg)
     return out, lse
 
@@ -481,35 +523,37 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 params: NAParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32)."""
     rank = len(params.spatial)
-    q6, k6, v6, o6, g6 = (_lift(t, rank) for t in (q, k, v, out, grad_out))
-    B, T, H, W, heads, D = q6.shape
+    dims = _dims(q, rank)
+    B, T, H, W, heads, D = dims
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    dq6, dk6, dv6 = (_lift(t, rank) for t in (dq, dk, dv))
     delta = torch.empty_like(lse)
     rpb_numel = rpb[0].numel() if rpb is not None else 0
     # fp32 partial sums of the rpb gradient, [heads, slots, prod(2k - 1)]; zeroed per launch.
     scratch = torch.empty((heads, _RPB_SLOTS, max(rpb_numel, 1)), dtype=torch.float32, device=q.device)
     rpb_c = rpb.contiguous() if rpb is not None else None  # its strides index the scratch too
-    shape_class = _shape_class(q6, params, rpb is not None)
+    shape_class = _shape_class(dims, q.dtype, params, rpb is not None)
+    q_st, k_st, v_st, o_st, g_st = (_strides(t, rank) for t in (q, k, v, out, grad_out))
 
     def launch_dq(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(q6, params, cfg)
+        grid, meta = _common_meta(dims, q.dtype, params, cfg)
         if rpb is not None:
             scratch.zero_()
         _na_bwd_dq_kernel[grid](
-            q6, k6, v6, rpb_c if rpb is not None else q6, o6, g6, lse, delta, dq6, scratch,
-            *q6.stride(), *k6.stride(), *v6.stride(), *o6.stride(), *g6.stride(), *dq6.stride(), *_rpb_strides(rpb_c),
+            q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch,
+            *q_st, *k_st, *v_st, *o_st, *g_st, *_strides(dq, rank), *_rpb_strides(rpb_c),
             T, H, W, heads, D, params.scale * LOG2E, params.scale, _RPB_SLOTS, max(rpb_numel, 1),
-            BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), HAS_RPB=rpb is not None, **meta,
+            BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
+            HAS_RPB=rpb is not None, RPB_DOT=rpb is not None and cfg.tile[0] * cfg.tile[1] * cfg.rows >= 16,
+            BLOCK_R=_pow2_at_least(2 * meta["KW"] - 1), **meta,
         )
 
     def launch_dkdv(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(q6, params, cfg)
+        grid, meta = _common_meta(dims, q.dtype, params, cfg)
         kw, sw = meta["KW"], meta["SW"]
         _na_bwd_dkdv_kernel[grid](
             # dk and dv are both fresh contiguous [..., D] tensors: one set of strides serves both.
-            q6, k6, v6, rpb_c if rpb is not None else q6, g6, lse, delta, dk6, dv6,
-            *q6.stride(), *k6.stride(), *v6.stride(), *g6.stride(), *dk6.stride(), *_rpb_strides(rpb_c),
+            q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv,
+            *q_st, *k_st, *v_st, *g_st, *_strides(dk, rank), *_rpb_strides(rpb_c),
             T, H, W, heads, D, params.scale * LOG2E,
             BLOCK_QW=_pow2_at_least(cfg.tile[2] + 2 * (kw // 2) + sw), HAS_RPB=rpb is not None, **meta,
         )
@@ -523,7 +567,10 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 # --------------------------------------------------------------------------------------------
-# The op: custom ops (opaque to torch.compile, with fake implementations) and their autograd.
+# The op. Eager calls go through a plain autograd.Function (a custom op's eager dispatch costs
+# about 0.7 ms of CPU per call in torch 2.11, more than the kernels at model sizes); traced calls
+# (torch.compile) go through custom ops with fake implementations, which the compiler treats as
+# opaque nodes.
 # --------------------------------------------------------------------------------------------
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -594,12 +641,29 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("visattn::na_forward", _backward, setup_context=_setup_context)
 
 
+class _NATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, params):
+        out, lse = na_forward(q, k, v, params, rpb)
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        dq, dk, dv, drpb = na_backward(grad_out, q, k, v, rpb, out, lse, ctx.params)
+        return dq, dk, dv, drpb, None
+
+
 def na_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
               rpb: Optional[torch.Tensor]) -> torch.Tensor:
     """The ``"triton"`` backend (1-D, 2-D and 3-D); raises ``ValueError`` for calls it cannot run."""
     reason = unsupported_reason(q, v)
     if reason is not None:
         raise ValueError(f"the triton neighborhood-attention backend does not support {reason}")
-    out, _ = _na_forward_op(q, k, v, rpb, list(params.kernel_size), list(params.dilation), list(params.stride),
-                            params.scale)
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = _na_forward_op(q, k, v, rpb, list(params.kernel_size), list(params.dilation),
+                                list(params.stride), params.scale)
+        return out
+    return _NATriton.apply(q, k, v, rpb, params)

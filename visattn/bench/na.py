@@ -260,6 +260,7 @@ def run(shapes: List[NAShape], competitors: List[str], out_dir: str, dtype: torc
     rows = []
     for shape in shapes:
         rows.extend(bench_shape(shape, dtype, bandwidth, competitors))
+        print(summarize(rows[-2:]), flush=True)  # progress: this shape's two rows
     import triton
 
     payload = {
