@@ -104,9 +104,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _na_fwd_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
-    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
-    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
-    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
+    s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
     T, H, W, HEADS, HEAD_DIM, qk_scale,
@@ -134,8 +132,8 @@ def _na_fwd_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)
-    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * s_qd, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    q_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * s_id, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
     # Scale (and log2(e), for exp2) folded into q once.
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
 
@@ -163,8 +161,8 @@ def _na_fwd_kernel(
             in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None]) & (ky[None, :] < start_h[:, None] + KH)
                          & in_cols)
             kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
-            k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)
-            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
             if HAS_RPB:
                 rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
@@ -174,8 +172,8 @@ def _na_fwd_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.where(in_window, tl.exp2(s - m_new[:, None]), 0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)
-            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
     out = acc / l_i[:, None]
@@ -190,12 +188,8 @@ def _na_fwd_kernel(
 @triton.jit
 def _na_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
-    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
-    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
-    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
+    s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
-    s_gb, s_gt, s_gh, s_gw, s_gn, s_gd,
-    s_dqb, s_dqt, s_dqh, s_dqw, s_dqn, s_dqd,
     s_rn, s_rt, s_rh, s_rw,
     T, H, W, HEADS, HEAD_DIM, qk_scale, scale, RPB_SLOTS, RPB_NUMEL,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -224,11 +218,11 @@ def _na_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     q_mask = q_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)[:, None]
-                + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                + offs_d[None, :] * s_id, mask=q_mask, other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
-    do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_gb, s_gt, s_gh, s_gw, s_gn)[:, None]
-                 + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
+                 + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
     o = tl.load(out_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
                 + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -273,10 +267,10 @@ def _na_bwd_dq_kernel(
             in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None]) & (ky[None, :] < start_h[:, None] + KH)
                          & in_cols)
             kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
-            k = tl.load(k_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)[:, None]
-                        + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)[:, None]
-                        + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+            k = tl.load(k_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                        + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                        + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), IEEE)
             rel = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
             if HAS_RPB:
@@ -299,18 +293,15 @@ def _na_bwd_dq_kernel(
                 dq += _dot(ds, k.to(tl.float32), IEEE)
             else:
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-    dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_dqb, s_dqt, s_dqh, s_dqw, s_dqn)
-    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_dqd, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
+    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_od, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _na_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    s_qb, s_qt, s_qh, s_qw, s_qn, s_qd,
-    s_kb, s_kt, s_kh, s_kw, s_kn, s_kd,
-    s_vb, s_vt, s_vh, s_vw, s_vn, s_vd,
-    s_gb, s_gt, s_gh, s_gw, s_gn, s_gd,
-    s_dkb, s_dkt, s_dkh, s_dkw, s_dkn, s_dkd,
+    s_ib, s_it, s_ih, s_iw, s_in, s_id,
+    s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
     T, H, W, HEADS, HEAD_DIM, qk_scale,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -334,10 +325,10 @@ def _na_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     k_mask = k_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_kb, s_kt, s_kh, s_kw, s_kn)[:, None]
-                + offs_d[None, :] * s_kd, mask=k_mask, other=0.0)
-    v = tl.load(v_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_vb, s_vt, s_vh, s_vw, s_vn)[:, None]
-                + offs_d[None, :] * s_vd, mask=k_mask, other=0.0)
+    k = tl.load(k_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                + offs_d[None, :] * s_id, mask=k_mask, other=0.0)
+    v = tl.load(v_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                + offs_d[None, :] * s_id, mask=k_mask, other=0.0)
 
     dk = tl.zeros([TK, BLOCK_D], tl.float32)
     dv = tl.zeros([TK, BLOCK_D], tl.float32)
@@ -355,11 +346,11 @@ def _na_bwd_dkdv_kernel(
                 in_window = (in_th[:, None] & (kw[:, None] >= sw[None, :]) & (kw[:, None] < sw[None, :] + KW)
                              & qw_valid[None, :])
                 q_mask = qw_valid[:, None] & d_valid[None, :]
-                q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_qb, s_qt, s_qh, s_qw, s_qn)[:, None]
-                            + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+                q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                            + offs_d[None, :] * s_id, mask=q_mask, other=0.0)
                 q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
-                do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_gb, s_gt, s_gh, s_gw, s_gn)[:, None]
-                             + offs_d[None, :] * s_gd, mask=q_mask, other=0.0)
+                do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
+                             + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
                 stat_off = ((b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw_c * DW + gw)
                 lse = tl.load(lse_ptr + stat_off, mask=qw_valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_off, mask=qw_valid, other=0.0)
@@ -379,9 +370,9 @@ def _na_bwd_dkdv_kernel(
                     dk += _dot(ds_t.to(q.dtype), q, IEEE)
     # q carried scale * log2(e): dK needs scale alone.
     dk = dk * (1.0 / 1.4426950408889634)
-    dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_dkb, s_dkt, s_dkh, s_dkw, s_dkn)
-    tl.store(dk_ptr + dk_off[:, None] + offs_d[None, :] * s_dkd, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
-    tl.store(dv_ptr + dk_off[:, None] + offs_d[None, :] * s_dkd, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
+    dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
+    tl.store(dk_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +445,14 @@ def _strides(t: torch.Tensor, rank: int) -> tuple:
     return (st[0],) + (0,) * (3 - rank) + st[1:]
 
 
+def _same_strides(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The tensors unchanged if they share strides (q, k, v sliced from one qkv projection do),
+    else contiguous copies: the kernels take one set of strides per group to keep launches cheap."""
+    if all(t.stride() == tensors[0].stride() for t in tensors):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _dims(q: torch.Tensor, rank: int) -> tuple:
     """``(B, T, H, W, heads, D)`` of a ``[B, *spatial, heads, D]`` tensor."""
     return (q.shape[0],) + (1,) * (3 - rank) + tuple(q.shape[1:])
@@ -498,6 +497,7 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
     Returns the output (contiguous, input dtype) and the base-2 log-sum-exp ``[B, heads, N]`` (fp32).
     """
     rank = len(params.spatial)
+    q, k, v = _same_strides(q, k, v)
     dims = _dims(q, rank)
     B, T, H, W, heads, D = dims
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -508,7 +508,7 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
         tw, (kw, sw) = cfg.tile[2], (meta["KW"], meta["SW"])
         _na_fwd_kernel[grid](
             q, k, v, rpb if rpb is not None else q, out, lse,
-            *_strides(q, rank), *_strides(k, rank), *_strides(v, rank), *_strides(out, rank), *_rpb_strides(rpb),
+            *_strides(q, rank), *_strides(out, rank), *_rpb_strides(rpb),
             T, H, W, heads, D, params.scale * LOG2E,
             BLOCK_KW=_pow2_at_least(tw + kw + sw - 2), ROWS=cfg.rows, HAS_RPB=rpb is not None, **meta,
         )
@@ -523,16 +523,18 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 params: NAParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32)."""
     rank = len(params.spatial)
+    q, k, v = _same_strides(q, k, v)
+    grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()  # out is contiguous
     dims = _dims(q, rank)
     B, T, H, W, heads, D = dims
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = (torch.empty(out.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     rpb_numel = rpb[0].numel() if rpb is not None else 0
     # fp32 partial sums of the rpb gradient, [heads, slots, prod(2k - 1)]; zeroed per launch.
     scratch = torch.empty((heads, _RPB_SLOTS, max(rpb_numel, 1)), dtype=torch.float32, device=q.device)
     rpb_c = rpb.contiguous() if rpb is not None else None  # its strides index the scratch too
     shape_class = _shape_class(dims, q.dtype, params, rpb is not None)
-    q_st, k_st, v_st, o_st, g_st = (_strides(t, rank) for t in (q, k, v, out, grad_out))
+    in_strides, out_strides = _strides(q, rank), _strides(out, rank)
 
     def launch_dq(cfg: LaunchConfig) -> None:
         grid, meta = _common_meta(dims, q.dtype, params, cfg)
@@ -540,7 +542,7 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
             scratch.zero_()
         _na_bwd_dq_kernel[grid](
             q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch,
-            *q_st, *k_st, *v_st, *o_st, *g_st, *_strides(dq, rank), *_rpb_strides(rpb_c),
+            *in_strides, *out_strides, *_rpb_strides(rpb_c),
             T, H, W, heads, D, params.scale * LOG2E, params.scale, _RPB_SLOTS, max(rpb_numel, 1),
             BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
             HAS_RPB=rpb is not None, RPB_DOT=rpb is not None and cfg.tile[0] * cfg.tile[1] * cfg.rows >= 16,
@@ -551,9 +553,8 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         grid, meta = _common_meta(dims, q.dtype, params, cfg)
         kw, sw = meta["KW"], meta["SW"]
         _na_bwd_dkdv_kernel[grid](
-            # dk and dv are both fresh contiguous [..., D] tensors: one set of strides serves both.
             q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv,
-            *q_st, *k_st, *v_st, *g_st, *_strides(dk, rank), *_rpb_strides(rpb_c),
+            *in_strides, *out_strides, *_rpb_strides(rpb_c),
             T, H, W, heads, D, params.scale * LOG2E,
             BLOCK_QW=_pow2_at_least(cfg.tile[2] + 2 * (kw // 2) + sw), HAS_RPB=rpb is not None, **meta,
         )

@@ -53,3 +53,57 @@ def test_training_step_bf16_autocast():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     opt.step()
+
+
+# --- Triton neighborhood attention at model sizes, every dtype (issue 4) ---------------------
+
+NA_GPU_CASES = [
+    # spatial, heads, head_dim, kernel, dilation, stride
+    pytest.param((56, 56), 2, 32, 7, 1, 1, id="nat-t-s1"),
+    pytest.param((56, 56), 2, 32, 7, 8, 1, id="dinat-d8"),
+    pytest.param((63, 45), 3, 64, 13, (1, 2), 1, id="k13-ragged-d64"),
+    pytest.param((64, 64), 4, 16, 16, 1, 16, id="window16-d16"),
+    pytest.param((33, 30), 2, 96, 9, 2, (3, 1), id="d96-stride"),
+    pytest.param((20, 22), 2, 128, 5, 4, 1, id="d128"),
+    pytest.param((700,), 4, 64, 31, 4, 1, id="1d-k31"),
+    pytest.param((12, 20, 17), 2, 32, (3, 5, 5), (1, 2, 1), (1, 1, 2), id="3d"),
+]
+NA_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # relative L2 error
+
+
+@pytest.mark.parametrize("dtype", list(NA_TOLERANCE), ids=str)
+@pytest.mark.parametrize("spatial, heads, head_dim, kernel, dilation, stride", NA_GPU_CASES)
+def test_triton_na_matches_fp64_reference(spatial, heads, head_dim, kernel, dilation, stride, dtype):
+    from visattn.kernels import na1d, na2d, na3d
+
+    fn = {1: na1d, 2: na2d, 3: na3d}[len(spatial)]
+    ks = (kernel,) * len(spatial) if isinstance(kernel, int) else kernel
+    q, k, v = (torch.randn(2, *spatial, heads, head_dim, device="cuda") for _ in range(3))
+    rpb = torch.randn(heads, *(2 * x - 1 for x in ks), device="cuda")
+    grad = torch.randn_like(q)
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, rpb)]
+    out = fn(*inputs[:3], kernel, dilation, stride, rpb=inputs[3], backend="triton")
+    got = [out, *torch.autograd.grad(out, inputs, grad.to(dtype))]
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = fn(*ref_in[:3], kernel, dilation, stride, rpb=ref_in[3], backend="reference")
+    want = [ref, *torch.autograd.grad(ref, ref_in, grad.double())]
+    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        rel = ((g.double() - w).norm() / w.norm()).item()
+        assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
+
+
+def test_auto_uses_triton_on_cuda_and_warns_once_on_fallback():
+    from visattn.kernels import na as na_module
+    from visattn.kernels import na2d
+
+    q = torch.randn(1, 9, 9, 2, 16, device="cuda")
+    assert na_module._resolve_backend("auto", q, q) is na_module.BACKENDS["triton"]
+    na_module._warned.clear()
+    with pytest.warns(UserWarning, match="falls back to the .*reference.*float64"):
+        na2d(q.double(), q.double(), q.double(), 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        na2d(q.double(), q.double(), q.double(), 3)  # once only

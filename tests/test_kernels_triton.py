@@ -1,85 +1,152 @@
-"""The Triton na2d backend against the reference (on CPU through TRITON_INTERPRET=1)."""
+"""The Triton NA backend against the reference (on CPU through TRITON_INTERPRET=1, see conftest.py).
+
+Forward and backward (q, k, v and rpb gradients) on ragged sizes for 1-D, 2-D and 3-D calls, with
+dilation, stride, per-axis parameters, even kernels, both key-row step sizes and both reductions of
+the rpb gradient; strided views; the torch.compile path; unsupported calls.
+"""
 import pytest
 import torch
 
-from visattn.kernels import available_backends, na1d, na2d
+from visattn.kernels import available_backends, na1d, na2d, na3d
+from visattn.kernels import triton_na
+from visattn.kernels.triton_na import LaunchConfig
 
-# CUDA when there is one; otherwise CPU through the interpreter (tests/conftest.py turns it on).
+# CUDA when there is one; otherwise CPU through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FN = {1: na1d, 2: na2d, 3: na3d}
 
 CASES = [
-    # H, W, kernel, dilation, stride, rpb, head_dim
-    (9, 11, 3, 1, 1, True, 16),
-    (14, 17, 5, 2, 3, True, 16),
-    (20, 13, 3, 3, 2, False, 32),
-    (12, 12, 7, 1, 7, True, 16),
-    (16, 19, (3, 5), (2, 1), (1, 2), True, 24),
+    # spatial, kernel, dilation, stride, rpb, head_dim
+    pytest.param((9, 11), 3, 1, 1, True, 16, id="2d-k3"),
+    pytest.param((14, 17), 5, 2, 3, True, 16, id="2d-dil2-stride3"),
+    pytest.param((20, 13), 3, 3, 2, False, 32, id="2d-no-rpb"),
+    pytest.param((12, 12), 7, 1, 7, True, 16, id="2d-window7"),
+    pytest.param((16, 19), (3, 5), (2, 1), (1, 2), True, 24, id="2d-per-axis-d24"),
+    pytest.param((12, 13), 4, 1, 4, True, 16, id="2d-even-window4"),
+    pytest.param((11, 10), (2, 6), (1, 1), (1, 3), True, 16, id="2d-even-per-axis"),
+    pytest.param((23,), 5, 2, 3, True, 16, id="1d"),
+    pytest.param((40,), 7, 1, 1, False, 32, id="1d-no-rpb"),
+    pytest.param((5, 6, 7), 3, (1, 2, 1), (1, 1, 2), True, 16, id="3d"),
+    pytest.param((6, 5, 9), (3, 3, 5), 1, (3, 1, 1), False, 16, id="3d-no-rpb"),
 ]
 
 
-def _inputs(H, W, kernel, head_dim, with_rpb, dtype=torch.float32, requires_grad=False):
-    q, k, v = (torch.randn(2, H, W, 2, head_dim, dtype=dtype, device=DEVICE, requires_grad=requires_grad) for _ in range(3))
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    rpb = torch.randn(2, 2 * kh - 1, 2 * kw - 1, dtype=dtype, device=DEVICE, requires_grad=requires_grad) if with_rpb else None
+def _inputs(spatial, kernel, head_dim, with_rpb, dtype=torch.float32, heads=2):
+    ks = (kernel,) * len(spatial) if isinstance(kernel, int) else kernel
+    q, k, v = (torch.randn(2, *spatial, heads, head_dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3))
+    rpb = (torch.randn(heads, *(2 * x - 1 for x in ks), dtype=dtype, device=DEVICE, requires_grad=True)
+           if with_rpb else None)
     return q, k, v, rpb
+
+
+def _fwd_bwd(fn, q, k, v, rpb, grad, backend, *args):
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    out = fn(q, k, v, *args, rpb=rpb, backend=backend)
+    return [out] + list(torch.autograd.grad(out, inputs, grad))
 
 
 def test_registered():
     assert "triton" in available_backends()
 
 
-@pytest.mark.parametrize("H, W, kernel, dilation, stride, with_rpb, head_dim", CASES)
-def test_forward_matches_reference(H, W, kernel, dilation, stride, with_rpb, head_dim):
-    """Ragged tiles, dilation sub-grids not dividing the size, stride, per-axis params, head_dim 24."""
-    q, k, v, rpb = _inputs(H, W, kernel, head_dim, with_rpb)
-    ref = na2d(q, k, v, kernel, dilation, stride, rpb=rpb, backend="reference")
-    out = na2d(q, k, v, kernel, dilation, stride, rpb=rpb, backend="triton")
-    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+@pytest.mark.parametrize("spatial, kernel, dilation, stride, with_rpb, head_dim", CASES)
+def test_forward_backward_match_reference(spatial, kernel, dilation, stride, with_rpb, head_dim):
+    fn = FN[len(spatial)]
+    q, k, v, rpb = _inputs(spatial, kernel, head_dim, with_rpb)
+    grad = torch.randn(q.shape, device=DEVICE)
+    got = _fwd_bwd(fn, q, k, v, rpb, grad, "triton", kernel, dilation, stride)
+    want = _fwd_bwd(fn, q, k, v, rpb, grad, "reference", kernel, dilation, stride)
+    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_strided_views_and_fp16():
-    qkv = torch.randn(1, 10, 9, 3, 2, 16, device=DEVICE).half()
+@pytest.mark.parametrize("config", [
+    LaunchConfig((1, 8, 8), 1, 4, 2),  # single key rows: rpb gradient by per-element atomics
+    LaunchConfig((1, 4, 8), 2, 4, 2),  # 8 reduced rows: < 16, so per-element atomics too
+    LaunchConfig((1, 8, 16), 2, 4, 2),  # one-hot matmul reduction, wide tiles
+], ids=["rows1", "rows2-small-tile", "rows2-wide"])
+def test_launch_configs_agree(monkeypatch, config):
+    """Every tuning candidate computes the same function (tiles, key rows per step, rpb reductions)."""
+    monkeypatch.setattr(triton_na, "_candidates", lambda kind, rank: [config])
+    q, k, v, rpb = _inputs((18, 21), 5, 16, True)
+    grad = torch.randn(q.shape, device=DEVICE)
+    got = _fwd_bwd(na2d, q, k, v, rpb, grad, "triton", 5, (2, 1), (1, 2))
+    want = _fwd_bwd(na2d, q, k, v, rpb, grad, "reference", 5, (2, 1), (1, 2))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+
+
+def test_strided_views_and_mixed_layouts():
+    """q, k, v sliced from a fused qkv (shared strides), a contiguous k beside them (copied to a
+    common layout) and a non-contiguous incoming gradient."""
+    qkv = torch.randn(1, 10, 9, 3, 2, 16, device=DEVICE, requires_grad=True)
     q, k, v = qkv.unbind(3)
-    rpb = torch.randn(2, 5, 5, device=DEVICE).half()
-    out = na2d(q, k, v, 3, 2, rpb=rpb, backend="triton")
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out.float(), na2d(q, k, v, 3, 2, rpb=rpb).float(), rtol=0, atol=2e-3)
+    rpb = torch.randn(2, 5, 5, device=DEVICE)
+    grad = torch.randn(1, 9, 10, 2, 16, device=DEVICE).transpose(1, 2)
+    for k_in in (k, k.contiguous()):
+        got = torch.autograd.grad(na2d(q, k_in, v, 3, 2, rpb=rpb, backend="triton"), qkv, grad)[0]
+        want = torch.autograd.grad(na2d(q, k_in, v, 3, 2, rpb=rpb, backend="reference"), qkv, grad)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
-def test_backward_matches_reference():
-    """The fused backward gives the reference gradients of q, k, v and rpb."""
-    q, k, v, rpb = _inputs(9, 10, 3, 16, True, requires_grad=True)
-    grad = torch.randn(2, 9, 10, 2, 16, device=DEVICE)
-    got = torch.autograd.grad(na2d(q, k, v, 3, 2, 2, rpb=rpb, backend="triton"), (q, k, v, rpb), grad)
-    want = torch.autograd.grad(na2d(q, k, v, 3, 2, 2, rpb=rpb, backend="reference"), (q, k, v, rpb), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-2)] + ([(torch.bfloat16, 1e-1)] if DEVICE == "cuda" else []))
-def test_backward_half_precision(dtype, tol):
-    """Half-precision gradients (the interpreter is wrong for bf16 arithmetic, so bf16 runs on CUDA only)."""
-    q, k, v, rpb = _inputs(9, 10, 3, 16, True, dtype=dtype, requires_grad=True)
-    grad = torch.randn(2, 9, 10, 2, 16, device=DEVICE, dtype=dtype)
-    got = torch.autograd.grad(na2d(q, k, v, 3, 2, rpb=rpb, backend="triton"), (q, k, v, rpb), grad)
+def test_fp16_forward_backward():
+    """Half precision (bf16 only on CUDA: the interpreter's bf16 arithmetic is wrong)."""
+    q, k, v, rpb = _inputs((9, 10), 3, 16, True, dtype=torch.float16)
+    grad = torch.randn(q.shape, device=DEVICE, dtype=torch.float16)
+    got = _fwd_bwd(na2d, q, k, v, rpb, grad, "triton", 3, 2)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v, rpb)]
-    want = torch.autograd.grad(na2d(*ref_in[:3], 3, 2, rpb=ref_in[3], backend="reference"), ref_in, grad.float())
+    want = _fwd_bwd(na2d, *ref_in, grad.float(), "reference", 3, 2)
     for g, w in zip(got, want):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol)
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g.float(), w, rtol=3e-2, atol=3e-2)
+
+
+def test_fp32_rpb_with_half_inputs():
+    """Under autocast q, k, v are half while the rpb parameter stays fp32: its gradient stays fp32."""
+    q, k, v, _ = _inputs((9, 10), 3, 16, False, dtype=torch.float16)
+    rpb = torch.randn(2, 5, 5, device=DEVICE, requires_grad=True)
+    out = na2d(q, k, v, 3, rpb=rpb, backend="triton")
+    (drpb,) = torch.autograd.grad(out.float().sum(), rpb)
+    assert drpb.dtype == torch.float32
+    ref = na2d(q.float(), k.float(), v.float(), 3, rpb=rpb, backend="reference")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_fullgraph():
+    """Under torch.compile the op is a custom op with a fake implementation: one graph, same numbers."""
+    q, k, v, rpb = _inputs((9, 10), 3, 16, True)
+    fn = torch.compile(lambda q, k, v, r: na2d(q, k, v, 3, 2, rpb=r, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v, rpb)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, rpb))
+    ref = na2d(q, k, v, 3, 2, rpb=rpb, backend="reference")
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v, rpb))
+    for g, w in zip([out, *grads], [ref, *ref_grads]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
 
 
 def test_unsupported_calls_raise():
-    q, k, v = (torch.randn(1, 9, 2, 16, device=DEVICE) for _ in range(3))
-    with pytest.raises(ValueError, match="implements na2d only"):
-        na1d(q, k, v, 3, backend="triton")
     q, k = (torch.randn(1, 9, 9, 2, 16, device=DEVICE) for _ in range(2))
-    with pytest.raises(ValueError, match="needs v's head_dim == q's"):
+    with pytest.raises(ValueError, match=r"does not support v head_dim 8 != q head_dim 16"):
         na2d(q, k, torch.randn(1, 9, 9, 2, 8, device=DEVICE), 3, backend="triton")
+    with pytest.raises(ValueError, match=r"does not support dtype torch.float64"):
+        na2d(q.double(), k.double(), k.double(), 3, backend="triton")
+    with pytest.raises(ValueError, match=r"does not support head_dim 320 > 256"):
+        big = torch.randn(1, 9, 9, 1, 320, device=DEVICE)
+        na2d(big, big, big, 3, backend="triton")
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = (torch.randn(1, 9, 9, 2, 16) for _ in range(3))
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="the kernels need CUDA"):
         na2d(q, k, v, 3, backend="triton")
+
+
+def test_auto_is_reference_on_cpu(monkeypatch):
+    """``auto`` never runs the interpreter for CPU tensors."""
+    called = []
+    monkeypatch.setitem(triton_na.__dict__, "na_forward", lambda *a: called.append(1))
+    q, k, v = (torch.randn(1, 9, 9, 2, 16) for _ in range(3))
+    torch.testing.assert_close(na2d(q, k, v, 3), na2d(q, k, v, 3, backend="reference"))
+    assert not called
