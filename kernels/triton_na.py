@@ -6,19 +6,20 @@ interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
 
 * Forward, query-centric: a program owns a tile of ``TILE_T x TILE_H x TILE_W`` queries. Their
   windows lie inside a key *halo* of ``TILE + kernel + stride - 2`` positions per axis; the program
-  walks the halo one key row (``BLOCK_KW`` keys along W) at a time, computes the logits of the whole
-  query tile against the row with ``tl.dot``, masks keys outside each query's own window, adds the
-  rpb and folds the row into an online softmax (base 2). Only the output and the log-sum-exp reach
-  memory: nothing of size ``N x k^d``.
+  walks the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
+  the whole query tile against them with ``tl.dot``, masks keys outside each query's own window,
+  adds the rpb and folds the step into an online softmax (base 2). Only the output and the
+  log-sum-exp reach memory: nothing of size ``N x k^d``.
 * Backward, query-centric (``_na_bwd_dq_kernel``): the same walk recomputes the probabilities from
-  the log-sum-exp and accumulates dQ in registers; the rpb gradient goes to a small fp32 scratch of
-  ``_RPB_SLOTS`` partial sums per head (atomics spread over the slots, summed afterwards), and
-  ``delta = rowsum(dO * O)`` is written for the second kernel.
+  the log-sum-exp and accumulates dQ in registers. The rpb gradient is first reduced over the
+  queries of each tile row by a matmul with a 0/1 offset matrix, then added atomically into a small
+  fp32 scratch of ``_RPB_SLOTS`` partial sums per head (so concurrent programs rarely collide),
+  summed afterwards. ``delta = rowsum(dO * O)`` is written for the second kernel.
 * Backward, key-centric (``_na_bwd_dkdv_kernel``): a program owns a tile of keys and walks the
   queries whose windows can contain them (the inverse neighborhood, a box per axis), accumulating
   dK and dV in registers: no atomics and no fp32 copies of the gradients.
 
-Launch configurations (tile shape, warps, pipeline stages) are tuned on the GPU once per shape
+Launch configurations (tile shape, key rows per step, warps, pipeline stages) are tuned on the GPU once per shape
 class (:func:`_tuned`); under ``TRITON_INTERPRET=1`` (CPU), which cannot time kernels, the first
 candidate is used.
 """

@@ -10,9 +10,11 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def _cuda_fp32():
+def _cuda_fp32(monkeypatch):
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need CUDA")
+    # Correctness only: the default launch configs, no tuning (each candidate is a compilation).
+    monkeypatch.setenv("VISATTN_AUTOTUNE", "0")
     # The goldens are exact fp32: keep TF32 off for convs and matmuls.
     conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
