@@ -2,5 +2,7 @@
 from .blocks import NHWCTransformerBlock
 from .global_attention import GlobalAttentionRPB, relative_position_index
 from .neighborhood_attention import NeighborhoodAttention2d
+from .routed_attention import AttentionLePE, BiLevelRoutingAttention
 
-__all__ = ["GlobalAttentionRPB", "NHWCTransformerBlock", "NeighborhoodAttention2d", "relative_position_index"]
+__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "GlobalAttentionRPB", "NHWCTransformerBlock",
+           "NeighborhoodAttention2d", "relative_position_index"]

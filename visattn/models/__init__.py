@@ -1,5 +1,6 @@
 """visattn model families; importing this registers every ``visattn_*`` model with timm."""
-from . import nat
+from . import biformer, nat
+from .biformer import BiFormer, BiFormerDenseBackbone
 from .nat import NAT, NATDenseBackbone, NATIsotropic
 
-__all__ = ["NAT", "NATDenseBackbone", "NATIsotropic", "nat"]
+__all__ = ["BiFormer", "BiFormerDenseBackbone", "NAT", "NATDenseBackbone", "NATIsotropic", "biformer", "nat"]

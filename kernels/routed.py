@@ -1,0 +1,90 @@
+"""Routed (block-sparse) attention: queries grouped in regions attend only to the key regions a
+router picked for them.
+
+The op is model-agnostic: any "route each query block to a few key blocks" scheme maps onto it by
+laying tokens out as ``[B, regions, tokens_per_region, heads, D]`` and giving, per query region,
+the indices of its key regions. BiFormer's bi-level routing attention is the composition
+``region descriptors (means) -> region_topk -> routed_attention`` (``visattn.layers``); other
+block-sparse schemes (fixed local + global blocks, learned routers) pass their own index.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.Tensor:
+    """The ``topk`` key regions of highest ``q_desc . k_desc`` for every query region.
+
+    Args:
+        q_desc: ``[B, Rq, C]`` query-region descriptors; k_desc: ``[B, Rk, C]``.
+        topk: regions per query region, ``1 <= topk <= Rk``.
+
+    Returns:
+        int64 ``[B, Rq, topk]``, by descending logit; equal logits keep the lower region index
+        first (a stable sort), so the choice is deterministic on every device.
+    """
+    if q_desc.dim() != 3 or k_desc.dim() != 3 or q_desc.shape[0] != k_desc.shape[0] or q_desc.shape[2] != k_desc.shape[2]:
+        raise ValueError(f"region_topk: expected q_desc [B, Rq, C] and k_desc [B, Rk, C], got {tuple(q_desc.shape)} "
+                         f"and {tuple(k_desc.shape)}")
+    if not 1 <= topk <= k_desc.shape[1]:
+        raise ValueError(f"region_topk: topk must be in [1, {k_desc.shape[1]}] (the number of key regions), got {topk}")
+    logits = q_desc @ k_desc.transpose(-1, -2)
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+    layout = "[B, regions, tokens_per_region, heads, head_dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 5:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"routed_attention: {name} must be a 5-D tensor {layout}, got {got}")
+    if k.shape[:2] != v.shape[:2] or k.shape[2:4] != v.shape[2:4]:
+        raise ValueError(f"routed_attention: k and v must agree in every dim but head_dim, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3:] != k.shape[3:]:
+        raise ValueError(f"routed_attention: q and k must share batch, heads and head_dim, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"routed_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if index.dtype != torch.int64 or index.dim() != 3 or index.shape[:2] != q.shape[:2]:
+        raise ValueError(f"routed_attention: index must be int64 [B, query_regions, topk] = [{q.shape[0]}, {q.shape[1]}, topk], "
+                         f"got {index.dtype} {tuple(index.shape)}")
+
+
+def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Gathers the routed key/value regions (``topk x`` copies, as the official BiFormer code does)
+    and attends densely inside them; half precision is computed in fp32."""
+    B, Rq, Tq, heads, D = q.shape
+    topk, Tk = index.shape[-1], k.shape[2]
+    out_dtype = q.dtype
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    batch = torch.arange(B, device=q.device)[:, None, None]
+    k_sel = k[batch, index].reshape(B, Rq, topk * Tk, heads, D)
+    v_sel = v[batch, index].reshape(B, Rq, topk * Tk, heads, v.shape[-1])
+    logits = torch.einsum("brqhd,brkhd->brhqk", q * scale, k_sel)
+    out = torch.einsum("brhqk,brkhd->brqhd", logits.softmax(dim=-1), v_sel)
+    return out.to(out_dtype)
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                     scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """Every query of region ``r`` attends to all tokens of the key regions ``index[b, r, :]``.
+
+    Args:
+        q: ``[B, Rq, Tq, heads, D]`` queries grouped by region (Tq tokens per region).
+        k, v: ``[B, Rk, Tk, heads, D]`` / ``[B, Rk, Tk, heads, Dv]`` keys and values by region.
+        index: int64 ``[B, Rq, topk]``, key-region indices in ``[0, Rk)`` (e.g. from
+            :func:`region_topk`); the same routing serves every head.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: ``"auto"`` or ``"reference"``.
+
+    Returns:
+        ``[B, Rq, Tq, heads, Dv]``: ``softmax(scale q K_r^T) V_r`` with ``K_r, V_r`` the
+        concatenated ``topk * Tk`` routed tokens.
+    """
+    _check(q, k, v, index)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected 'auto' or 'reference'")
+    return routed_attention_reference(q, k, v, index, q.shape[-1] ** -0.5 if scale is None else float(scale))

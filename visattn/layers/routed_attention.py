@@ -1,0 +1,105 @@
+"""BiFormer's attention modules: bi-level routing attention and global attention with LePE.
+
+Parameters only; the routed op comes from ``visattn.kernels``. Both take and return NHWC maps.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+
+from visattn.kernels import region_topk, routed_attention
+
+
+@register_notrace_module  # shape-dependent padding and routing: a leaf for torch.fx
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention (BiFormer, the ``ops/bra_legacy.py`` variant of the checkpoints).
+
+    The map is cut into ``n_win x n_win`` regions. Each query region picks the ``topk`` key regions
+    whose mean key best matches its mean query (detached, parameter-free routing), and its tokens
+    attend to all tokens of those regions. A depthwise conv of V (LePE) is added before ``wo``.
+    The logit scale is ``qk_dim ** -0.5`` (not head_dim's), as in the released models.
+
+    With ``auto_pad`` the input is zero-padded right/bottom to a multiple of ``n_win`` before the
+    projection (so padded tokens carry the projection biases, count in the region means and are
+    keys) and the output cropped, as the official dense backbones do.
+
+    Input and output: ``[B, H, W, dim]``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, qk_dim: int, topk: int, side_dwconv: int = 5,
+                 auto_pad: bool = False, backend: str = "auto"):
+        super().__init__()
+        if qk_dim % num_heads or dim % num_heads:
+            raise ValueError(f"qk_dim ({qk_dim}) and dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.n_win, self.qk_dim, self.topk = num_heads, n_win, qk_dim, topk
+        self.scale = qk_dim ** -0.5
+        self.auto_pad = auto_pad
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)  # [q | k | v]
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.wo = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, auto_pad={self.auto_pad}"
+
+    def _regions(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, C]`` -> ``[B, n_win**2, tokens_per_region, heads, C // heads]`` (row-major regions)."""
+        B, H, W, C = t.shape
+        n = self.n_win
+        t = t.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(B, n * n, (H // n) * (W // n), self.num_heads, C // self.num_heads)
+
+    def route(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Routing index ``[B, n_win**2, topk]`` from region-grouped q and k."""
+        B, R = q.shape[:2]
+        q_desc = q.detach().mean(2).reshape(B, R, -1)
+        k_desc = k.detach().mean(2).reshape(B, R, -1)
+        return region_topk(q_desc * self.scale, k_desc, self.topk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        n = self.n_win
+        pad_h, pad_w = (n - H % n) % n, (n - W % n) % n
+        if pad_h or pad_w:
+            if not self.auto_pad:
+                raise ValueError(f"BiLevelRoutingAttention: the map ({H}x{W}) must be divisible by n_win={n} "
+                                 f"(or build the model with auto_pad=True)")
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, C], dim=-1)
+        q_r, k_r, v_r = self._regions(q), self._regions(k), self._regions(v)
+        out = routed_attention(q_r, k_r, v_r, self.route(q_r, k_r), self.scale, self.backend)
+        h, w = Hp // n, Wp // n
+        out = out.reshape(B, n, n, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.wo(out)
+        return out[:, :H, :W] if (pad_h or pad_w) else out
+
+
+class AttentionLePE(nn.Module):
+    """Global multi-head self-attention with a depthwise-conv positional term (LePE) on its input
+    (BiFormer's last stage: 8 heads, no qkv bias).
+
+    Input and output: ``[B, H, W, dim]``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, side_dwconv: int = 5,
+                 qk_scale: Optional[float] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out)

@@ -1,0 +1,338 @@
+"""BiFormer: vision transformer with bi-level routing attention (Zhu et al., CVPR 2023).
+
+Four NCHW stages at strides 4, 8, 16, 32 (BatchNorm conv stem and conv downsamplers). Each block
+adds a depthwise 3x3 conv position embedding, then runs a pre-norm transformer block (LayerNorm
+eps 1e-6) in NHWC: bi-level routing attention in stages 1-3, global attention with LePE (8 heads)
+in stage 4. The classifier ends with BatchNorm, average pooling and a linear head.
+
+Official checkpoints (``{'model': state_dict}``) and the mmseg/mmdet ``BiFormer_mm`` backbones load
+through :func:`checkpoint_filter_fn` / ``visattn.from_official``.
+"""
+import re
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
+from visattn.layers import AttentionLePE, BiLevelRoutingAttention, NHWCTransformerBlock
+from visattn.models._common import check_image_batch, drop_path_schedule
+
+__all__ = ["BiFormer", "BiFormerDenseBackbone"]
+
+
+class BiFormerBlock(NHWCTransformerBlock):
+    """Depthwise-conv position embedding, then a pre-norm transformer block; NCHW in and out."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float):
+        super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class BiFormerStage(nn.Module):
+    """Optional stride-2 conv + BatchNorm downsampler, then the blocks (NCHW)."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, attn_factory, mlp_ratio: float,
+                 drop_path: Sequence[float]):
+        super().__init__()
+        self.downsample = (nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+                           if downsample else nn.Identity())
+        self.blocks = nn.Sequential(*[BiFormerBlock(dim, attn_factory(), mlp_ratio, drop_path[i]) for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+def _trunk(in_chans: int, depths: Sequence[int], embed_dims: Sequence[int], qk_dims: Sequence[int], head_dim: int,
+           n_win: int, topks: Sequence[int], mlp_ratios: Sequence[float], side_dwconv: int, drop_path_rate: float,
+           auto_pad: bool) -> Tuple[nn.Module, nn.Sequential]:
+    """The stem and the four stages shared by the classifier and the dense backbone."""
+    stem = nn.Sequential(
+        nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1), nn.BatchNorm2d(embed_dims[0] // 2), nn.GELU(),
+        nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dims[0]),
+    )
+    rates = drop_path_schedule(drop_path_rate, sum(depths))
+    stages = []
+    for i, (depth, dim, qk_dim, topk) in enumerate(zip(depths, embed_dims, qk_dims, topks)):
+        if topk > 0:
+            attn_factory = partial(BiLevelRoutingAttention, dim, qk_dim // head_dim, n_win, qk_dim, topk,
+                                   side_dwconv, auto_pad)
+        elif topk == -2:  # the released models' last stage: global attention, 8 heads, LePE on its input
+            attn_factory = partial(AttentionLePE, dim, 8, False, side_dwconv)
+        else:
+            raise ValueError(f"topk must be > 0 (routing) or -2 (global attention with LePE), got {topk} for stage {i}")
+        start = sum(depths[:i])
+        stages.append(BiFormerStage(embed_dims[i - 1] if i else dim, dim, depth, i > 0, attn_factory, mlp_ratios[i],
+                                    rates[start:start + depth]))
+    return stem, nn.Sequential(*stages)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Official init: trunc_normal(0.02) Linear weights, zero biases, unit LayerNorm.
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BiFormer(nn.Module):
+    """BiFormer classifier. ``forward_features`` returns NCHW ``[B, C4, H/32, W/32]`` (after BatchNorm)."""
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 8, 2),
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        qk_dims: Optional[Sequence[int]] = None,
+        head_dim: int = 32,
+        n_win: int = 7,
+        topks: Sequence[int] = (1, 4, 16, -2),
+        mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+        side_dwconv: int = 5,
+        auto_pad: bool = False,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
+                                        mlp_ratios, side_dwconv, drop_path_rate, auto_pad)
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(embed_dims)]
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.head = ClassifierHead(embed_dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs as NCHW maps (the last one normed when ``norm``), plus the final
+        ``forward_features`` output unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_image_batch(x, self.in_chans, type(self).__name__)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages[: max_index + 1] if stop_early else self.stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        if max_index == last or not stop_early:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, self.in_chans, type(self).__name__)
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class BiFormerDenseBackbone(nn.Module):
+    """The official mmseg/mmdet ``BiFormer_mm``: the trunk (``auto_pad`` on by default, any input
+    size) with a LayerNorm2d (eps 1e-6) on each stage output. Returns four NCHW maps, strides 4..32."""
+
+    def __init__(self, depths: Sequence[int] = (4, 4, 18, 4), embed_dims: Sequence[int] = (64, 128, 256, 512),
+                 qk_dims: Optional[Sequence[int]] = None, head_dim: int = 32, n_win: int = 8,
+                 topks: Sequence[int] = (1, 4, 16, -2), mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+                 side_dwconv: int = 5, auto_pad: bool = True, in_chans: int = 3, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.in_chans = in_chans
+        self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
+                                        mlp_ratios, side_dwconv, drop_path_rate, auto_pad)
+        self.extra_norms = nn.ModuleList([LayerNorm2d(c, eps=1e-6) for c in embed_dims])
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        check_image_batch(x, self.in_chans, type(self).__name__)
+        x = self.stem(x)
+        outs = []
+        for stage, norm in zip(self.stages, self.extra_norms):
+            x = stage(x)
+            outs.append(norm(x))
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint conversion
+
+_RULES = (
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.attn\.qkv\.qkv\.", r"stages.\1.blocks.\2.attn.qkv."),  # BRA's QKVLinear wrapper
+    (r"^stages\.(\d+)\.(\d+)\.mlp\.0\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^stages\.(\d+)\.(\d+)\.mlp\.3\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^head\.", "head.fc."),
+)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map an official BiFormer / BiFormer_mm state dict onto ``model`` (visattn state dicts pass unchanged).
+
+    Raises :class:`CheckpointMismatchError` when the checkpoint belongs to another family.
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    if not any(k.startswith("downsample_layers.") for k in state_dict):
+        own = model.state_dict()
+        if any(k in own for k in state_dict):
+            return state_dict
+        raise CheckpointMismatchError(
+            f"expected an official BiFormer checkpoint, this one looks like: {guess_family(state_dict) or 'unknown'}")
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _RULES:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+        out[key] = value
+    return out
+
+
+def _official_kwargs(kwargs: Dict) -> Dict:
+    unsupported = {k: kwargs[k] for k in ("param_routing", "diff_routing", "soft_routing") if kwargs.get(k)}
+    if kwargs.get("kv_downsample_mode", "identity") != "identity" or kwargs.get("layer_scale_init_value", -1) > 0 \
+            or not kwargs.get("pre_norm", True) or kwargs.get("before_attn_dwconv", 3) != 3 or unsupported:
+        raise ValueError("visattn builds the released BiFormer configuration (identity kv, no layer scale, pre-norm, "
+                         f"3x3 position conv, parameter-free hard routing); got {kwargs}")
+    return dict(depths=kwargs["depth"], embed_dims=kwargs["embed_dim"], qk_dims=kwargs.get("qk_dims"),
+                head_dim=kwargs.get("head_dim", 32), n_win=kwargs.get("n_win", 7), topks=kwargs["topks"],
+                mlp_ratios=kwargs.get("mlp_ratios", (4, 4, 4, 4)), side_dwconv=kwargs.get("side_dwconv", 5),
+                drop_path_rate=kwargs.get("drop_path_rate", 0.0))
+
+
+@register_official("models/biformer.py::BiFormer")
+def _official_classifier(meta: Dict) -> nn.Module:
+    kwargs = meta["constructor_kwargs"]
+    return BiFormer(num_classes=kwargs.get("num_classes", 1000), auto_pad=kwargs.get("auto_pad", False),
+                    **_official_kwargs(kwargs))
+
+
+@register_official("semantic_segmentation/models_mm/biformer_mm.py::BiFormer_mm",
+                   "object_detection/models_mm/biformer_mm.py::BiFormer_mm")
+def _official_dense(meta: Dict) -> nn.Module:
+    kwargs = meta["constructor_kwargs"]
+    return BiFormerDenseBackbone(auto_pad=kwargs.get("auto_pad", True), **_official_kwargs(kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm registration
+
+def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    return build_model_with_cfg(
+        BiFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str, official: str, **kwargs) -> Dict:
+    cfg = dict(
+        url=url,
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        first_conv="stem.0",
+        classifier="head.fc",
+        license="mit",
+        paper_ids="arXiv:2303.08810",
+        origin_url="https://github.com/rayleizhu/BiFormer",
+        notes=(f"official name: {official}", "released .pth nests the weights under 'model'"),
+    )
+    cfg.update(kwargs)
+    return cfg
+
+
+_ONEDRIVE = "https://api.onedrive.com/v1.0/shares/s!{}/root/content"
+
+default_cfgs = generate_default_cfgs({
+    "visattn_biformer_t.in1k": _cfg(_ONEDRIVE.format("AkBbczdRlZvChHEOoGkgwgQzEDlM"), "biformer_tiny"),
+    "visattn_biformer_s.in1k": _cfg(_ONEDRIVE.format("AkBbczdRlZvChHDyM-x9KWRBZ832"), "biformer_small"),
+    "visattn_biformer_b.in1k": _cfg(_ONEDRIVE.format("AkBbczdRlZvChHI_XPhoadjaNxtO"), "biformer_base"),
+})
+
+
+@register_model
+def visattn_biformer_t(pretrained: bool = False, **kwargs) -> BiFormer:
+    args = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512))
+    return _create_biformer("visattn_biformer_t", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def visattn_biformer_s(pretrained: bool = False, **kwargs) -> BiFormer:
+    args = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), drop_path_rate=0.15)
+    return _create_biformer("visattn_biformer_s", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def visattn_biformer_b(pretrained: bool = False, **kwargs) -> BiFormer:
+    args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
+    return _create_biformer("visattn_biformer_b", pretrained, **dict(args, **kwargs))
