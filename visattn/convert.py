@@ -144,10 +144,13 @@ def from_official(meta: Mapping, state_dict: Mapping) -> nn.Module:
         ValueError: unknown official class; :class:`CheckpointMismatchError` when a key is
         missing, unexpected or mis-shaped.
     """
+    import ast
     import importlib
     import visattn.models  # noqa: F401  (registers the builders)
 
     class_id = str(meta.get("official_class", "")).split(" ")[0]
+    if isinstance(meta.get("constructor_kwargs"), str):  # some manifests store the kwargs' Python repr
+        meta = {**meta, "constructor_kwargs": ast.literal_eval(meta["constructor_kwargs"])}
     if class_id not in _OFFICIAL_BUILDERS:
         raise ValueError(f"unknown official class {class_id!r}; visattn builds: {official_classes()}")
     model = _OFFICIAL_BUILDERS[class_id](meta)

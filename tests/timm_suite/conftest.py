@@ -18,7 +18,7 @@ import timm
 import visattn  # noqa: F401  (registers visattn_* models)
 
 # visattn family modules that implement forward_intermediates / prune_intermediate_layers.
-VISATTN_MODULES = ["nat"]
+VISATTN_MODULES = ["nat", "biformer"]
 # Models whose default-cfg checks follow timm's non-standard (token / NHWC-head) path: none yet;
 # the NAT family pools NHWC maps like timm's swin and passes the standard checks.
 VISATTN_NON_STD = []
@@ -68,7 +68,7 @@ NOT_APPLICABLE = {
 # (on the GPU machine: TORCH_DEVICE=cuda).
 HEAVY_MODELS = [
     "visattn_nat_b", "visattn_dinat_s", "visattn_dinat_b", "visattn_dinat_l*", "visattn_dinats_s", "visattn_dinats_b",
-    "visattn_dinats_l*", "visattn_nat_iso_b", "visattn_dinat_iso_b", "visattn_vitrpb_b",
+    "visattn_dinats_l*", "visattn_nat_iso_b", "visattn_dinat_iso_b", "visattn_vitrpb_b", "visattn_biformer_b",
 ]
 
 

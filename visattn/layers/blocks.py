@@ -37,7 +37,11 @@ class NHWCTransformerBlock(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The two pre-norm residual updates (subclasses wrap them; TorchScript has no ``super()``)."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual_branches(x)

@@ -51,12 +51,15 @@ class BiLevelRoutingAttention(nn.Module):
         t = t.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5)
         return t.reshape(B, n * n, (H // n) * (W // n), self.num_heads, C // self.num_heads)
 
-    def route(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Routing index ``[B, n_win**2, topk]`` from region-grouped q and k."""
+    @torch.jit.ignore
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Kept out of TorchScript: routing and the op dispatch to Python backends.
         B, R = q.shape[:2]
+        # Region descriptors: mean q / k per region, detached (the released models route without gradient).
         q_desc = q.detach().mean(2).reshape(B, R, -1)
         k_desc = k.detach().mean(2).reshape(B, R, -1)
-        return region_topk(q_desc * self.scale, k_desc, self.topk)
+        index = region_topk(q_desc * self.scale, k_desc, self.topk)
+        return routed_attention(q, k, v, index, self.scale, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -70,7 +73,7 @@ class BiLevelRoutingAttention(nn.Module):
         Hp, Wp = H + pad_h, W + pad_w
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, C], dim=-1)
         q_r, k_r, v_r = self._regions(q), self._regions(k), self._regions(v)
-        out = routed_attention(q_r, k_r, v_r, self.route(q_r, k_r), self.scale, self.backend)
+        out = self._attend(q_r, k_r, v_r)
         h, w = Hp // n, Wp // n
         out = out.reshape(B, n, n, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -98,7 +101,7 @@ class AttentionLePE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

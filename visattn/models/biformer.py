@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -34,7 +34,7 @@ class BiFormerBlock(NHWCTransformerBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.residual_branches(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class BiFormerStage(nn.Module):
@@ -91,7 +91,10 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class BiFormer(nn.Module):
-    """BiFormer classifier. ``forward_features`` returns NCHW ``[B, C4, H/32, W/32]`` (after BatchNorm)."""
+    """BiFormer classifier. ``forward_features`` returns NCHW ``[B, C4, H/32, W/32]`` (after BatchNorm).
+
+    ``img_size`` is only checked (the model runs at any size whose stage maps ``n_win`` divides).
+    """
 
     def __init__(
         self,
@@ -104,13 +107,20 @@ class BiFormer(nn.Module):
         mlp_ratios: Sequence[float] = (3, 3, 3, 3),
         side_dwconv: int = 5,
         auto_pad: bool = False,
+        img_size: Union[int, Tuple[int, int]] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        # Without auto_pad the routing regions must tile every stage-1..3 map (strides 4..16).
+        sizes = to_2tuple(img_size)
+        if not auto_pad and any(s % (16 * n_win) for s in sizes):
+            raise ValueError(f"img_size {sizes} must be a multiple of 16 * n_win = {16 * n_win} (or set auto_pad=True)")
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
@@ -119,6 +129,7 @@ class BiFormer(nn.Module):
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head = ClassifierHead(embed_dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(_init_weights)
+        self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -155,7 +166,7 @@ class BiFormer(nn.Module):
         ``forward_features`` output unless ``intermediates_only``."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        check_image_batch(x, self.in_chans, "BiFormer")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         intermediates = []
@@ -181,7 +192,7 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        check_image_batch(x, self.in_chans, "BiFormer")
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -207,7 +218,7 @@ class BiFormerDenseBackbone(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        check_image_batch(x, self.in_chans, type(self).__name__)
+        check_image_batch(x, self.in_chans, "BiFormerDenseBackbone")
         x = self.stem(x)
         outs = []
         for stage, norm in zip(self.stages, self.extra_norms):
@@ -305,6 +316,8 @@ def _cfg(url: str, official: str, **kwargs) -> Dict:
         license="mit",
         paper_ids="arXiv:2303.08810",
         origin_url="https://github.com/rayleizhu/BiFormer",
+        # Routing regions need every stage-1..3 map divisible by n_win (7): sides that are multiples of 112.
+        fixed_input_size=True,
         notes=(f"official name: {official}", "released .pth nests the weights under 'model'"),
     )
     cfg.update(kwargs)
