@@ -9,9 +9,17 @@ block-sparse schemes (fixed local + global blocks, learned routers) pass their o
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Set
 
 import torch
+
+try:
+    from .triton_routed import routed_triton, unsupported_reason
+except ImportError:  # triton ships with torch's Linux builds only
+    routed_triton = unsupported_reason = None
+
+_warned: Set[str] = set()
 
 
 def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.Tensor:
@@ -78,13 +86,35 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         index: int64 ``[B, Rq, topk]``, key-region indices in ``[0, Rk)`` (e.g. from
             :func:`region_topk`); the same routing serves every head.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors they support, else the
+            reference), ``"triton"`` or ``"reference"``.
 
     Returns:
         ``[B, Rq, Tq, heads, Dv]``: ``softmax(scale q K_r^T) V_r`` with ``K_r, V_r`` the
         concatenated ``topk * Tk`` routed tokens.
     """
     _check(q, k, v, index)
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected 'auto' or 'reference'")
-    return routed_attention_reference(q, k, v, index, q.shape[-1] ** -0.5 if scale is None else float(scale))
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected 'auto', 'reference' or 'triton'")
+    if index.numel():
+        # Out-of-range regions would be read from arbitrary memory by the fused kernels.
+        in_range = (index >= 0).all() & (index < k.shape[1]).all()
+        if index.is_cuda:
+            torch._assert_async(in_range, "routed_attention: index holds a region outside [0, key_regions)")
+        elif not bool(in_range):
+            raise ValueError(f"routed_attention: index must hold key-region numbers in [0, {k.shape[1]}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto" and q.is_cuda:
+        reason = unsupported_reason(q, v) if unsupported_reason is not None else "a torch build without triton"
+        if reason is None:
+            backend = "triton"
+        elif reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"visattn.kernels: routed attention falls back to the (gathering) reference backend: "
+                          f"the triton backend does not support {reason}", stacklevel=2)
+    if backend == "triton":
+        if routed_triton is None:
+            raise ValueError("routed_attention: backend='triton' needs triton, which this torch build lacks")
+        return routed_triton(q, k, v, index, scale)
+    return routed_attention_reference(q, k, v, index, scale)

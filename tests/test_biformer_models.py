@@ -133,3 +133,14 @@ def test_other_family_checkpoint_is_named():
     _, nat_sd, _ = load_golden("nat")
     with pytest.raises(visattn.CheckpointMismatchError, match="NAT"):
         visattn.from_official(meta, nat_sd)
+
+
+def test_golden_on_the_triton_backend():
+    """The whole model on the fused routed-attention kernels (CPU: through the Triton interpreter)."""
+    meta, sd, io = load_golden("biformer")
+    model = visattn.from_official(meta, sd)
+    layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
+    for layer in layers:
+        layer.backend = "triton"
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["input"]), io["output"], rtol=0, atol=meta["recommended_atol"])

@@ -55,7 +55,7 @@ def test_region_topk_orders_and_breaks_ties_by_lower_index():
     (lambda q, k, v, i: routed_attention(q, k, v[:, :3], i), r"k and v must agree"),
     (lambda q, k, v, i: routed_attention(q, k, v, i.int()), r"index must be int64 \[B, query_regions, topk\]"),
     (lambda q, k, v, i: routed_attention(q, k.double(), v, i), r"must share one floating dtype"),
-    (lambda q, k, v, i: routed_attention(q, k, v, i, backend="cuda"), r"unknown backend 'cuda'"),
+    (lambda q, k, v, i: routed_attention(q, k, v, i, backend="cuda"), r"unknown backend .cuda."),
     (lambda q, k, v, i: region_topk(q.mean(2).flatten(2), k.mean(2).flatten(2), 5), r"topk must be in \[1, 4\]"),
 ])
 def test_bad_input(call, match):
@@ -63,3 +63,56 @@ def test_bad_input(call, match):
     index = torch.zeros(1, 4, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match=match):
         call(q, k, v, index)
+
+
+# --- the Triton backend (CPU through TRITON_INTERPRET=1, see conftest.py) ---------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("B, Rq, Rk, Tq, Tk, topk, heads, D", [
+    (2, 9, 9, 4, 4, 3, 2, 16),      # BiFormer stage 3 at 112 px (2x2 regions)
+    (1, 6, 10, 40, 33, 4, 2, 24),   # ragged region sizes over the 32-token tiles, Rq != Rk, head_dim 24
+    (2, 4, 4, 1, 1, 1, 1, 16),      # one-token regions
+], ids=["regions2x2", "ragged", "single-token"])
+def test_triton_matches_reference(B, Rq, Rk, Tq, Tk, topk, heads, D):
+    q = torch.randn(B, Rq, Tq, heads, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, Rk, Tk, heads, D, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, Rk, Tk, heads, D, device=DEVICE, requires_grad=True)
+    index = torch.stack([torch.randperm(Rk)[:topk] for _ in range(B * Rq)]).view(B, Rq, topk).to(DEVICE)
+    grad = torch.randn(B, Rq, Tq, heads, D, device=DEVICE)
+    got = routed_attention(q, k, v, index, 0.3, backend="triton")
+    want = routed_attention(q, k, v, index, 0.3, backend="reference")
+    for g, w in zip([got, *torch.autograd.grad(got, (q, k, v), grad)], [want, *torch.autograd.grad(want, (q, k, v), grad)]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_strided_views_and_fp16():
+    """q, k, v sliced from one projection (as BiFormer makes them), in fp16."""
+    qkv = torch.randn(1, 4, 9, 3, 2, 16, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    q, k, v = qkv.unbind(3)
+    index = torch.tensor([[[0, 3], [1, 2], [2, 2], [3, 0]]], device=DEVICE)  # a repeated region counts twice
+    grad = torch.randn(1, 4, 9, 2, 16, device=DEVICE, dtype=torch.float16)
+    got = routed_attention(q, k, v, index, backend="triton")
+    (dqkv,) = torch.autograd.grad(got, qkv, grad)
+    ref_in = qkv.detach().float().requires_grad_()
+    want = routed_attention(*ref_in.unbind(3), index, backend="reference")
+    (ref_dqkv,) = torch.autograd.grad(want, ref_in, grad.float())
+    assert got.dtype == dqkv.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(dqkv.float(), ref_dqkv, rtol=1e-2, atol=1e-2)
+
+
+def test_index_out_of_range_is_refused():
+    q, k, v = (torch.randn(1, 4, 4, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match=r"index must hold key-region numbers in \[0, 4\), got values in \[0, 4\]"):
+        routed_attention(q, k, v, torch.tensor([[[0], [1], [4], [2]]]), backend="triton")
+
+
+def test_triton_unsupported_raises():
+    q, k = (torch.randn(1, 4, 4, 2, 8, device=DEVICE) for _ in range(2))
+    index = torch.zeros(1, 4, 1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"does not support v head_dim 4 != q head_dim 8"):
+        routed_attention(q, k, torch.randn(1, 4, 4, 2, 4, device=DEVICE), index, backend="triton")
+    with pytest.raises(ValueError, match=r"does not support dtype torch.float64"):
+        routed_attention(q.double(), k.double(), k.double(), index, backend="triton")

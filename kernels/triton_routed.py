@@ -1,0 +1,293 @@
+"""Fused Triton forward and backward of routed attention, reading K and V in place.
+
+Layout: q ``[B, Rq, Tq, heads, D]``, k / v ``[B, Rk, Tk, heads, D]``, routing index ``[B, Rq, topk]``.
+
+* Forward: a program owns ``BLOCK_Q`` queries of one region (one batch, one head). It walks the
+  ``topk`` routed key regions through the index, loading their K / V tiles from where they lie
+  (no gathered ``topk x`` copy), with an online softmax (base 2); it writes the output and the
+  log-sum-exp.
+* Backward, query-centric: the same walk recomputes P, accumulates dQ in registers and writes
+  ``delta = rowsum(dO * O)``.
+* Backward, key-centric: the routing is inverted on the host into a CSR list (for each key region,
+  the query regions that routed to it); a program owns ``BLOCK_K`` keys of one region and walks
+  those query regions, accumulating dK and dV in registers: no atomics.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_BLOCK_Q = 32
+_BLOCK_K = 32
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full-precision products, not TF32
+        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, out_dtype=tl.float32)
+
+
+@triton.jit
+def _routed_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    s_qb, s_qr, s_qt, s_qh, s_qd,
+    s_kb, s_kr, s_kt, s_kh, s_kd,
+    s_ob, s_or, s_ot, s_oh, s_od,
+    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    q_tiles = tl.cdiv(TQ, BLOCK_Q)
+    r = tl.program_id(0) // q_tiles
+    offs_q = (tl.program_id(0) % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_valid = offs_q < TQ
+    q_mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=q_mask, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for j in range(0, TOPK):
+        kr = tl.load(idx_ptr + (b * RQ + r) * TOPK + j)
+        kv_base = b * s_kb + kr * s_kr + n * s_kh
+        for k0 in range(0, TK, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = offs_k < TK
+            kv_off = kv_base + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            s = tl.where(k_valid[None, :], _dot(q, tl.trans(k), IEEE), -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.where(k_valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(lse_ptr + (b * HEADS + n) * RQ * TQ + r * TQ + offs_q, m_i + tl.log2(l_i), mask=q_valid)
+    tl.store(out_ptr + b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od,
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _routed_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    s_qb, s_qr, s_qt, s_qh, s_qd,
+    s_kb, s_kr, s_kt, s_kh, s_kd,
+    s_ob, s_or, s_ot, s_oh, s_od,
+    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale, scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    # out, dO and dQ share the (contiguous) output strides s_o*.
+    q_tiles = tl.cdiv(TQ, BLOCK_Q)
+    r = tl.program_id(0) // q_tiles
+    offs_q = (tl.program_id(0) % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_valid = offs_q < TQ
+    q_mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
+                mask=q_mask, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    o_off = b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od
+    do = tl.load(do_ptr + o_off, mask=q_mask, other=0.0)
+    o = tl.load(out_ptr + o_off, mask=q_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat_off = (b * HEADS + n) * RQ * TQ + r * TQ + offs_q
+    tl.store(delta_ptr + stat_off, delta, mask=q_valid)
+    lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for j in range(0, TOPK):
+        kr = tl.load(idx_ptr + (b * RQ + r) * TOPK + j)
+        kv_base = b * s_kb + kr * s_kr + n * s_kh
+        for k0 in range(0, TK, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = offs_k < TK
+            kv_off = kv_base + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(_dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            if IEEE:
+                dq += _dot(ds, k.to(tl.float32), IEEE)
+            else:
+                dq += _dot(ds.to(k.dtype), k, IEEE)
+    tl.store(dq_ptr + o_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _routed_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, csr_offsets_ptr, csr_regions_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    s_qb, s_qr, s_qt, s_qh, s_qd,
+    s_kb, s_kr, s_kt, s_kh, s_kd,
+    s_ob, s_or, s_ot, s_oh, s_od,
+    s_gb, s_gr, s_gt, s_gh, s_gd,
+    RQ, RK, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    # s_o*: dO's strides; s_g*: those of the (contiguous) dK and dV.
+    k_tiles = tl.cdiv(TK, BLOCK_K)
+    kr = tl.program_id(0) // k_tiles
+    offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    k_valid = offs_k < TK
+    k_mask = k_valid[:, None] & d_valid[None, :]
+    kv_off = b * s_kb + kr * s_kr + n * s_kh + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
+    k = tl.load(k_ptr + kv_off, mask=k_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=k_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    start = tl.load(csr_offsets_ptr + b * (RK + 1) + kr)
+    end = tl.load(csr_offsets_ptr + b * (RK + 1) + kr + 1)
+    for e in range(start, end):
+        r = tl.load(csr_regions_ptr + b * RQ * TOPK + e).to(tl.int64)
+        for q0 in range(0, TQ, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            q_valid = offs_q < TQ
+            q_mask = q_valid[:, None] & d_valid[None, :]
+            q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
+                        mask=q_mask, other=0.0)
+            q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+            do = tl.load(do_ptr + b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od,
+                         mask=q_mask, other=0.0)
+            stat_off = (b * HEADS + n) * RQ * TQ + r * TQ + offs_q
+            lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
+            delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
+            valid = k_valid[:, None] & q_valid[None, :]
+            p_t = tl.where(valid, tl.exp2(_dot(k, tl.trans(q), IEEE) - lse[None, :]), 0.0)  # [BLOCK_K, BLOCK_Q]
+            ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            if IEEE:
+                dv += _dot(p_t, do.to(tl.float32), IEEE)
+                dk += _dot(ds_t, q.to(tl.float32), IEEE)
+            else:
+                dv += _dot(p_t.to(do.dtype), do, IEEE)
+                dk += _dot(ds_t.to(q.dtype), q, IEEE)
+    dk = dk * (1.0 / 1.4426950408889634)  # q carried scale * log2(e); dK needs scale alone
+    g_off = b * s_gb + kr * s_gr + n * s_gh + offs_k[:, None] * s_gt + offs_d[None, :] * s_gd
+    tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or ``None`` when they can."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if v.shape[-1] != q.shape[-1]:
+        return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if not q.is_cuda and not _interpreting():
+        return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    return None
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward; returns the output (contiguous) and the base-2 log-sum-exp ``[B, heads, Rq*Tq]``."""
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    B, Rq, Tq, heads, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, heads, Rq * Tq), dtype=torch.float32, device=q.device)
+    grid = (Rq * triton.cdiv(Tq, _BLOCK_Q), B * heads)
+    _routed_fwd_kernel[grid](
+        q, k, v, index, out, lse, *q.stride(), *k.stride(), *out.stride(),
+        Rq, Tq, k.shape[2], index.shape[-1], heads, D, scale * LOG2E,
+        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32,
+    )
+    return out, lse
+
+
+def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the routing: for batch b and key region r, ``regions[b, offsets[b, r]:offsets[b, r+1]]``
+    are the query regions that routed to r."""
+    B, Rq, topk = index.shape
+    flat = index.reshape(B, Rq * topk)
+    order = torch.argsort(flat, dim=1, stable=True)
+    regions = (order // topk).to(torch.int32).contiguous()
+    counts = torch.zeros(B, num_key_regions, dtype=torch.int32, device=index.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(B, num_key_regions + 1, dtype=torch.int32, device=index.device)
+    offsets[:, 1:] = counts.cumsum(1)
+    return offsets, regions
+
+
+def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: ``(dq, dk, dv)`` in the inputs' dtypes (accumulated in fp32)."""
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()
+    B, Rq, Tq, heads, D = q.shape
+    Rk, Tk = k.shape[1], k.shape[2]
+    dq = torch.empty(out.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    block_d, ieee = _block_d(D), q.dtype == torch.float32
+    _routed_bwd_dq_kernel[(Rq * triton.cdiv(Tq, _BLOCK_Q), B * heads)](
+        q, k, v, index, out, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *out.stride(),
+        Rq, Tq, Tk, index.shape[-1], heads, D, scale * LOG2E, scale,
+        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=block_d, IEEE=ieee,
+    )
+    offsets, regions = _invert_routing(index, Rk)
+    _routed_bwd_dkdv_kernel[(Rk * triton.cdiv(Tk, _BLOCK_K), B * heads)](
+        q, k, v, offsets, regions, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *grad_out.stride(), *dk.stride(),
+        Rq, Rk, Tq, Tk, index.shape[-1], heads, D, scale * LOG2E,
+        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=block_d, IEEE=ieee,
+    )
+    return dq, dk, dv
+
+
+class _RoutedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, index, scale):
+        out, lse = routed_forward(q, k, v, index, scale)
+        ctx.save_for_backward(q, k, v, index, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, index, out, lse = ctx.saved_tensors
+        dq, dk, dv = routed_backward(grad_out, q, k, v, index, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def routed_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visattn.kernels.routed_attention`."""
+    reason = unsupported_reason(q, v)
+    if reason is not None:
+        raise ValueError(f"the triton routed-attention backend does not support {reason}")
+    return _RoutedTriton.apply(q, k, v, index.contiguous(), scale)
