@@ -36,7 +36,7 @@ def test_issue_shapes_are_benchmarked():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-@pytest.mark.parametrize("which", ["na", "model"])
+@pytest.mark.parametrize("which", ["na", "routed", "model"])
 def test_bench_without_cuda_says_why(which):
     with pytest.raises(SystemExit, match="need a CUDA device"):
         main(["bench", which])

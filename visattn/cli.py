@@ -114,14 +114,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the benchmarks pull in triton and (for plots) matplotlib.
-    from visattn.bench import model as bench_model, na as bench_na
+    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed
 
-    return {"na": bench_na, "model": bench_model}[args.bench].main(args)
+    return {"na": bench_na, "routed": bench_routed, "model": bench_model}[args.bench].main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``visattn`` argument parser with its ``list``, ``info``, ``demo`` and ``bench`` subcommands."""
-    from visattn.bench import model as bench_model, na as bench_na
+    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed
 
     parser = argparse.ArgumentParser(prog="visattn", description="visattn: timm-compatible attention vision models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,info,demo,bench}")
@@ -141,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="GPU benchmarks: kernels against their alternatives, whole-model training")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,model}")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,routed,model}")
     for name, module, help_text in (
         ("na", bench_na, "neighborhood attention: Triton vs flex_attention, natten, reference, dense SDPA"),
+        ("routed", bench_routed, "bi-level routing attention: Triton routed kernels vs the official gather"),
         ("model", bench_model, "training throughput: visattn models on each backend vs timm's Swin"),
     ):
         module.add_arguments(bench.add_parser(name, help=help_text, description=module.__doc__))

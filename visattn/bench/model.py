@@ -16,19 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from visattn.bench.common import device_name, format_table, require_cuda, time_ms, write_json
-from visattn.layers import NeighborhoodAttention2d
+from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d
 
+# Layers whose op backend ``name@backend`` selects.
+_BACKEND_LAYERS = (NeighborhoodAttention2d, BiLevelRoutingAttention)
 DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@reference", "swin_tiny_patch4_window7_224"]
 
 
 def build(spec: str) -> torch.nn.Module:
-    """``name`` or ``name@backend``: a timm model, its neighborhood attention on ``backend``."""
+    """``name`` or ``name@backend``: a timm model, its neighborhood / routed attention on ``backend``."""
     name, _, backend = spec.partition("@")
     model = timm.create_model(name, num_classes=1000)
     if backend:
-        layers = [m for m in model.modules() if isinstance(m, NeighborhoodAttention2d)]
+        layers = [m for m in model.modules() if isinstance(m, _BACKEND_LAYERS)]
         if not layers:
-            raise SystemExit(f"{name} has no neighborhood attention, so '@{backend}' means nothing")
+            raise SystemExit(f"{name} has no neighborhood or routed attention, so '@{backend}' means nothing")
         for layer in layers:
             layer.backend = backend
     return model.cuda().train()
