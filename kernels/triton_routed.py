@@ -270,6 +270,46 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv
 
 
+# Eager calls use the autograd.Function below; traced calls (torch.compile) use these custom ops
+# with fake implementations, as for neighborhood attention (kernels/triton_na.py says why).
+@torch.library.custom_op("visattn::routed_forward", mutates_args=())
+def _routed_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return routed_forward(q, k, v, index, scale)
+
+
+@_routed_forward_op.register_fake
+def _(q, k, v, index, scale):
+    B, Rq, Tq, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, heads, Rq * Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("visattn::routed_backward", mutates_args=())
+def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return routed_backward(grad_out, q, k, v, index, out, lse, scale)
+
+
+@_routed_backward_op.register_fake
+def _(grad_out, q, k, v, index, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, index, scale = inputs
+    ctx.save_for_backward(q, k, v, index, *output)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, index, out, lse = ctx.saved_tensors
+    dq, dk, dv = _routed_backward_op(grad_out, q, k, v, index, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("visattn::routed_forward", _backward, setup_context=_setup_context)
+
+
 class _RoutedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index, scale):
@@ -290,4 +330,6 @@ def routed_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torc
     reason = unsupported_reason(q, v)
     if reason is not None:
         raise ValueError(f"the triton routed-attention backend does not support {reason}")
+    if torch.compiler.is_compiling():
+        return _routed_forward_op(q, k, v, index.contiguous(), scale)[0]
     return _RoutedTriton.apply(q, k, v, index.contiguous(), scale)

@@ -116,3 +116,16 @@ def test_triton_unsupported_raises():
         routed_attention(q, k, torch.randn(1, 4, 4, 2, 4, device=DEVICE), index, backend="triton")
     with pytest.raises(ValueError, match=r"does not support dtype torch.float64"):
         routed_attention(q.double(), k.double(), k.double(), index, backend="triton")
+
+
+def test_triton_under_torch_compile_fullgraph():
+    """Under torch.compile the fused op is a custom op with a fake implementation: one graph."""
+    q, k, v = (torch.randn(1, 4, 9, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    index = torch.tensor([[[0, 3], [1, 2], [2, 0], [3, 1]]], device=DEVICE)
+    fn = torch.compile(lambda q, k, v: routed_attention(q, k, v, index, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v)
+    ref = routed_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
