@@ -74,7 +74,6 @@ def na_reference(
     ``index_add`` (far faster on CPU than the scatter of advanced indexing).
     Half-precision inputs are computed in float32 and the result cast back to the input dtype.
     """
-    ndim = len(params.spatial)
     out_dtype = q.dtype
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from ._checks import NAParams
+from ._triton_common import LOG2E, dot, interpreting, unsupported_reason
 
-LOG2E = 1.4426950408889634
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
 
@@ -95,11 +95,6 @@ def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, D
             + (pw * DW + gw).to(tl.int64) * s_w)
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # fp32 inputs: full-precision products, not TF32
-        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, b, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -164,7 +159,7 @@ def _na_fwd_kernel(
             kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
+            s = dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
             if HAS_RPB:
                 rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
                 s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -175,7 +170,7 @@ def _na_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
     out = acc / l_i[:, None]
     # Base-2 log-sum-exp per query, [B, heads, T * H * W] contiguous, for the backward.
@@ -272,18 +267,18 @@ def _na_bwd_dq_kernel(
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
+            s = dot(q, tl.trans(k), IEEE)
             rel = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
             if HAS_RPB:
                 s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.where(in_window, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), IEEE)
+            dp = dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
             if HAS_RPB:
                 if RPB_DOT:
                     ds_rows = tl.reshape(tl.permute(tl.reshape(ds, (QROWS, TILE_W, ROWS, BLOCK_KW)), (0, 2, 1, 3)),
                                          (QROWS * ROWS, TILE_W * BLOCK_KW))
-                    part = _dot(ds_rows, onehot, True)  # [QROWS * ROWS, BLOCK_R]
+                    part = dot(ds_rows, onehot, True)  # [QROWS * ROWS, BLOCK_R]
                     rt = kt - row_t + KT - 1
                     rh = halo_h + r + row_kr - row_h + KH - 1
                     ok = ((rt >= 0) & (rt < 2 * KT - 1) & (rh >= 0) & (rh < 2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
@@ -291,9 +286,9 @@ def _na_bwd_dq_kernel(
                 else:
                     tl.atomic_add(drpb_base + rel, ds, mask=in_window)
             if IEEE:
-                dq += _dot(ds, k.to(tl.float32), IEEE)
+                dq += dot(ds, k.to(tl.float32), IEEE)
             else:
-                dq += _dot(ds.to(k.dtype), k, IEEE)
+                dq += dot(ds.to(k.dtype), k, IEEE)
     dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
     tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_od, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -355,20 +350,20 @@ def _na_bwd_dkdv_kernel(
                 stat_off = ((b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw_c * DW + gw)
                 lse = tl.load(lse_ptr + stat_off, mask=qw_valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_off, mask=qw_valid, other=0.0)
-                s_t = _dot(k, tl.trans(q), IEEE)  # [TK, BLOCK_QW]: logits transposed, base 2
+                s_t = dot(k, tl.trans(q), IEEE)  # [TK, BLOCK_QW]: logits transposed, base 2
                 if HAS_RPB:
                     rel = (n * s_rn + ((kt - qt + KT - 1) * s_rt + (kh - qh + KH - 1) * s_rh)[:, None]
                            + (kw[:, None] - qw_c[None, :] + KW - 1) * s_rw)
                     s_t += tl.load(rpb_ptr + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
                 p_t = tl.where(in_window, tl.exp2(s_t - lse[None, :]), 0.0)
-                dp_t = _dot(v, tl.trans(do), IEEE)
+                dp_t = dot(v, tl.trans(do), IEEE)
                 ds_t = p_t * (dp_t - delta[None, :])
                 if IEEE:
-                    dv += _dot(p_t, do.to(tl.float32), IEEE)
-                    dk += _dot(ds_t, q.to(tl.float32), IEEE)
+                    dv += dot(p_t, do.to(tl.float32), IEEE)
+                    dk += dot(ds_t, q.to(tl.float32), IEEE)
                 else:
-                    dv += _dot(p_t.to(do.dtype), do, IEEE)
-                    dk += _dot(ds_t.to(q.dtype), q, IEEE)
+                    dv += dot(p_t.to(do.dtype), do, IEEE)
+                    dk += dot(ds_t.to(q.dtype), q, IEEE)
     # q carried scale * log2(e): dK needs scale alone.
     dk = dk * (1.0 / 1.4426950408889634)
     dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
@@ -405,8 +400,6 @@ _TUNED: Dict[tuple, LaunchConfig] = {}
 TIMINGS: Dict[tuple, Dict[LaunchConfig, float]] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
@@ -423,7 +416,7 @@ def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], No
     """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
     or when ``VISATTN_AUTOTUNE=0``."""
     candidates = _candidates(kind, rank)
-    if _interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
+    if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
         return candidates[0]
     full_key = (kind, rank) + key
     if full_key not in _TUNED:
@@ -575,21 +568,8 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 # opaque nodes.
 # --------------------------------------------------------------------------------------------
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 
-def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot run this call, or ``None`` when they can."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if v.shape[-1] != q.shape[-1]:
-        return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if not q.is_cuda and not _interpreting():
-        return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
-    return None
 
 
 def _params(q: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int],

@@ -14,25 +14,18 @@ Layout: q ``[B, Rq, Tq, heads, D]``, k / v ``[B, Rk, Tk, heads, D]``, routing in
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+from ._triton_common import LOG2E, dot, unsupported_reason
+
 _BLOCK_Q = 32
 _BLOCK_K = 32
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # fp32 inputs: full-precision products, not TF32
-        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, b, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -69,13 +62,13 @@ def _routed_fwd_kernel(
             kv_off = kv_base + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-            s = tl.where(k_valid[None, :], _dot(q, tl.trans(k), IEEE), -1.0e30)
+            s = tl.where(k_valid[None, :], dot(q, tl.trans(k), IEEE), -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.where(k_valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
     out = acc / l_i[:, None]
     tl.store(lse_ptr + (b * HEADS + n) * RQ * TQ + r * TQ + offs_q, m_i + tl.log2(l_i), mask=q_valid)
@@ -124,12 +117,12 @@ def _routed_bwd_dq_kernel(
             kv_mask = k_valid[:, None] & d_valid[None, :]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(_dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
+            ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
             if IEEE:
-                dq += _dot(ds, k.to(tl.float32), IEEE)
+                dq += dot(ds, k.to(tl.float32), IEEE)
             else:
-                dq += _dot(ds.to(k.dtype), k, IEEE)
+                dq += dot(ds.to(k.dtype), k, IEEE)
     tl.store(dq_ptr + o_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -176,35 +169,22 @@ def _routed_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
             delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
             valid = k_valid[:, None] & q_valid[None, :]
-            p_t = tl.where(valid, tl.exp2(_dot(k, tl.trans(q), IEEE) - lse[None, :]), 0.0)  # [BLOCK_K, BLOCK_Q]
-            ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            p_t = tl.where(valid, tl.exp2(dot(k, tl.trans(q), IEEE) - lse[None, :]), 0.0)  # [BLOCK_K, BLOCK_Q]
+            ds_t = p_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
             if IEEE:
-                dv += _dot(p_t, do.to(tl.float32), IEEE)
-                dk += _dot(ds_t, q.to(tl.float32), IEEE)
+                dv += dot(p_t, do.to(tl.float32), IEEE)
+                dk += dot(ds_t, q.to(tl.float32), IEEE)
             else:
-                dv += _dot(p_t.to(do.dtype), do, IEEE)
-                dk += _dot(ds_t.to(q.dtype), q, IEEE)
+                dv += dot(p_t.to(do.dtype), do, IEEE)
+                dk += dot(ds_t.to(q.dtype), q, IEEE)
     dk = dk * (1.0 / 1.4426950408889634)  # q carried scale * log2(e); dK needs scale alone
     g_off = b * s_gb + kr * s_gr + n * s_gh + offs_k[:, None] * s_gt + offs_d[None, :] * s_gd
     tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot run this call, or ``None`` when they can."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if v.shape[-1] != q.shape[-1]:
-        return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if not q.is_cuda and not _interpreting():
-        return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
-    return None
 
 
 def _block_d(head_dim: int) -> int:

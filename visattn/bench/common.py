@@ -42,6 +42,16 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / (ms * 1e-3)
 
 
+def select_shapes(shapes: Sequence, names: Optional[Sequence[str]]) -> list:
+    """The shapes named in ``names`` (all when ``None``); exits naming the valid names on a typo."""
+    if not names:
+        return list(shapes)
+    unknown = set(names) - {s.name for s in shapes}
+    if unknown:
+        raise SystemExit(f"unknown shapes {sorted(unknown)}; expected names from {[s.name for s in shapes]}")
+    return [s for s in shapes if s.name in names]
+
+
 def format_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
     cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from visattn.bench.common import (
-    copy_bandwidth, device_name, format_table, peak_extra_bytes, require_cuda, time_ms, write_json,
+    copy_bandwidth, device_name, format_table, peak_extra_bytes, require_cuda, select_shapes, time_ms, write_json,
 )
 from visattn.kernels import na2d
 
@@ -76,15 +76,13 @@ def flex_mods(shape: NAShape, rpb: Optional[torch.Tensor]):
         kgy, ksy, _, kgx, ksx, _ = coords(kv_idx)
         return (qgy == kgy) & (qgx == kgx) & (ksy >= y0) & (ksy < y0 + k) & (ksx >= x0) & (ksx < x0 + k)
 
-    score_mod = None
-    if rpb is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            _, qsy, _, _, qsx, _ = coords(q_idx)
-            _, ksy, _, _, ksx, _ = coords(kv_idx)
-            # flex also evaluates masked-out pairs: clamp their (unused) offsets into range.
-            return score + rpb[h, torch.clamp(ksy - qsy + k - 1, 0, 2 * k - 2), torch.clamp(ksx - qsx + k - 1, 0, 2 * k - 2)]
+    def rpb_score_mod(score, b, h, q_idx, kv_idx):
+        _, qsy, _, _, qsx, _ = coords(q_idx)
+        _, ksy, _, _, ksx, _ = coords(kv_idx)
+        # flex also evaluates masked-out pairs: clamp their (unused) offsets into range.
+        return score + rpb[h, torch.clamp(ksy - qsy + k - 1, 0, 2 * k - 2), torch.clamp(ksx - qsx + k - 1, 0, 2 * k - 2)]
 
-    return mask_mod, score_mod
+    return mask_mod, (rpb_score_mod if rpb is not None else None)
 
 
 def _make_inputs(shape: NAShape, dtype: torch.dtype):
@@ -294,11 +292,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    shapes = SHAPES
-    if args.shapes:
-        unknown = set(args.shapes) - {s.name for s in SHAPES}
-        if unknown:
-            raise SystemExit(f"unknown shapes {sorted(unknown)}; expected names from {[s.name for s in SHAPES]}")
-        shapes = [s for s in SHAPES if s.name in args.shapes]
+    shapes = select_shapes(SHAPES, args.shapes)
     run(shapes, list(args.competitors), args.out, getattr(torch, args.dtype))
     return 0

@@ -17,7 +17,9 @@ from typing import Dict, List
 
 import torch
 
-from visattn.bench.common import device_name, format_table, peak_extra_bytes, require_cuda, time_ms, write_json
+from visattn.bench.common import (
+    device_name, format_table, peak_extra_bytes, require_cuda, select_shapes, time_ms, write_json,
+)
 from visattn.layers import BiLevelRoutingAttention
 
 
@@ -142,11 +144,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    shapes = SHAPES
-    if args.shapes:
-        unknown = set(args.shapes) - {s.name for s in SHAPES}
-        if unknown:
-            raise SystemExit(f"unknown shapes {sorted(unknown)}; expected names from {[s.name for s in SHAPES]}")
-        shapes = [s for s in SHAPES if s.name in args.shapes]
+    shapes = select_shapes(SHAPES, args.shapes)
     run(shapes, args.out, getattr(torch, args.dtype))
     return 0

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from timm.layers import ClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
