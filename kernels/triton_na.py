@@ -88,6 +88,38 @@ def _tile(len_t, len_h, len_w, TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_
 
 
 @triton.jit
+def _query_windows(
+    T, H, W, HEADS,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    """Setup of the query-centric kernels: dilation group and sub-grid lengths, (batch, head), this
+    program's query tile (sub-grid positions, validity), each query's window start and the tile's
+    key-halo origin (windows are monotone in the query: the tile's first query opens the halo)."""
+    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
+    t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
+    b = (tl.program_id(1) // HEADS).to(tl.int64)
+    n = tl.program_id(1) % HEADS
+    # One flat tuple, the form of helper returns these kernels have been compiled with on the GPU.
+    return (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
+            _window_start(qt, len_t, KT, ST), _window_start(qh, len_h, KH, SH), _window_start(qw, len_w, KW, SW),
+            _window_start(t0, len_t, KT, ST), _window_start(h0, len_h, KH, SH), _window_start(w0, len_w, KW, SW))
+
+
+@triton.jit
+def _step_columns(halo_w, len_w, start_w, KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """The loop-invariant key columns of a step of ROWS key rows x BLOCK_KW columns (key e is row
+    e // BLOCK_KW, column e % BLOCK_KW): row offsets, columns, their validity / clamped value, and
+    which lie in each query's window."""
+    e = tl.arange(0, ROWS * BLOCK_KW)
+    kx = halo_w + e % BLOCK_KW
+    kx_valid = kx < len_w
+    in_cols = (kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW) & kx_valid[None, :]
+    return e // BLOCK_KW, kx, kx_valid, tl.minimum(kx, len_w - 1), in_cols
+
+
+@triton.jit
 def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
              s_b, s_t, s_h, s_w, s_n):
     """Element offsets of sub-grid positions (pt, ph, pw) in a [B, T, H, W, heads, D] tensor."""
@@ -110,21 +142,12 @@ def _na_fwd_kernel(
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
-    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
-    t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
-    b = (tl.program_id(1) // HEADS).to(tl.int64)
-    n = tl.program_id(1) % HEADS
+    (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
+     start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
+        T, H, W, HEADS, KT, KH, KW, DT, DH, DW, ST, SH, SW, TILE_T, TILE_H, TILE_W)
     TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
     HALO_T: tl.constexpr = TILE_T + KT + ST - 2
     HALO_H: tl.constexpr = TILE_H + KH + SH - 2
-
-    start_t = _window_start(qt, len_t, KT, ST)
-    start_h = _window_start(qh, len_h, KH, SH)
-    start_w = _window_start(qw, len_w, KW, SW)
-    # Windows are monotone in the query position: the tile's first query opens the halo.
-    halo_t = _window_start(t0, len_t, KT, ST)
-    halo_h = _window_start(h0, len_h, KH, SH)
-    halo_w = _window_start(w0, len_w, KW, SW)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -133,15 +156,7 @@ def _na_fwd_kernel(
     # Scale (and log2(e), for exp2) folded into q once.
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
 
-    # A step covers ROWS key rows of BLOCK_KW columns; key e of a step is row e // BLOCK_KW,
-    # column e % BLOCK_KW. Column-only quantities are loop-invariant.
-    BLOCK_K: tl.constexpr = ROWS * BLOCK_KW
-    e = tl.arange(0, BLOCK_K)
-    kr = e // BLOCK_KW
-    kx = halo_w + e % BLOCK_KW
-    kx_valid = kx < len_w
-    kx_c = tl.minimum(kx, len_w - 1)
-    in_cols = (kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW) & kx_valid[None, :]
+    kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
     rpb_cols = n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
 
     m_i = tl.full([TQ], -1.0e30, tl.float32)
@@ -196,20 +211,12 @@ def _na_bwd_dq_kernel(
     RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
-    gt, gh, gw, len_t, len_h, len_w = _subgrid(T, H, W, DT, DH, DW)
-    t0, h0, w0, qt, qh, qw, q_valid = _tile(len_t, len_h, len_w, TILE_T, TILE_H, TILE_W)
-    b = (tl.program_id(1) // HEADS).to(tl.int64)
-    n = tl.program_id(1) % HEADS
+    (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
+     start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
+        T, H, W, HEADS, KT, KH, KW, DT, DH, DW, ST, SH, SW, TILE_T, TILE_H, TILE_W)
     TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
     HALO_T: tl.constexpr = TILE_T + KT + ST - 2
     HALO_H: tl.constexpr = TILE_H + KH + SH - 2
-
-    start_t = _window_start(qt, len_t, KT, ST)
-    start_h = _window_start(qh, len_h, KH, SH)
-    start_w = _window_start(qw, len_w, KW, SW)
-    halo_t = _window_start(t0, len_t, KT, ST)
-    halo_h = _window_start(h0, len_h, KH, SH)
-    halo_w = _window_start(w0, len_w, KW, SW)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -226,14 +233,8 @@ def _na_bwd_dq_kernel(
     tl.store(delta_ptr + stat_off, delta, mask=q_valid)
     lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
 
-    BLOCK_K: tl.constexpr = ROWS * BLOCK_KW
-    e = tl.arange(0, BLOCK_K)
-    kr = e // BLOCK_KW
-    kx = halo_w + e % BLOCK_KW
-    kx_valid = kx < len_w
-    kx_c = tl.minimum(kx, len_w - 1)
-    in_cols = ((kx[None, :] >= start_w[:, None]) & (kx[None, :] < start_w[:, None] + KW)
-               & kx_valid[None, :] & q_valid[:, None])
+    kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
+    in_cols = in_cols & q_valid[:, None]
     rpb_cols = (kx[None, :] - qw[:, None] + KW - 1) * s_rw
     # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
     slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS
