@@ -1,7 +1,9 @@
 """Helpers shared by the model families."""
-from typing import List
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 
@@ -28,3 +30,26 @@ def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> List[float]:
     Plain Python so models can be built under a ``torch.device('meta')`` context.
     """
     return [drop_path_rate * i / max(1, num_blocks - 1) for i in range(num_blocks)]
+
+
+def trunk_intermediates(
+    x: torch.Tensor,
+    stem: nn.Module,
+    trunk: nn.Sequential,
+    indices: Optional[Union[int, List[int]]],
+    stop_early: bool,
+    tap: Callable[[int, torch.Tensor], torch.Tensor],
+) -> Tuple[torch.Tensor, List[torch.Tensor], bool]:
+    """timm's ``forward_intermediates`` walk: ``stem``, then the trunk's modules, keeping
+    ``tap(i, x)`` after each module ``i`` that ``indices`` selects (timm's ``feature_take_indices``).
+
+    Returns the last output, the kept maps, and whether the walk reached the trunk's end.
+    """
+    take_indices, max_index = feature_take_indices(len(trunk), indices)
+    kept = []
+    x = stem(x)
+    for i, module in enumerate(trunk[: max_index + 1] if stop_early else trunk):
+        x = module(x)
+        if i in take_indices:
+            kept.append(tap(i, x))
+    return x, kept, max_index == len(trunk) - 1 or not stop_early

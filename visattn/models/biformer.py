@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
 from visattn.layers import AttentionLePE, BiLevelRoutingAttention, NHWCTransformerBlock
-from visattn.models._common import check_image_batch, drop_path_schedule
+from visattn.models._common import check_image_batch, drop_path_schedule, trunk_intermediates
 
 __all__ = ["BiFormer", "BiFormerDenseBackbone"]
 
@@ -167,17 +167,13 @@ class BiFormer(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         check_image_batch(x, self.in_chans, "BiFormer")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages[: max_index + 1] if stop_early else self.stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last else x)
+        x, intermediates, reached_end = trunk_intermediates(
+            x, self.stem, self.stages, indices, stop_early,
+            lambda i, feat: self.norm(feat) if norm and i == last else feat)
         if intermediates_only:
             return intermediates
-        if max_index == last or not stop_early:
+        if reached_end:
             x = self.norm(x)
         return x, intermediates
 

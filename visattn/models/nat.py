@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
-from visattn.models._common import check_image_batch, drop_path_schedule
+from visattn.models._common import check_image_batch, drop_path_schedule, trunk_intermediates
 from visattn.layers import GlobalAttentionRPB, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
 
 __all__ = ["NAT", "NATIsotropic", "NATDenseBackbone"]
@@ -158,19 +158,17 @@ class _NHWCClassifier(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         check_image_batch(x, self.in_chans, type(self).__name__)
-        trunk = getattr(self, self.trunk_attr)
-        take_indices, max_index = feature_take_indices(len(trunk), indices)
-        last_idx = len(trunk) - 1
-        intermediates = []
-        x = self.stem(x)
-        for i, module in enumerate(trunk[: max_index + 1] if stop_early else trunk):
-            x = module(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and (self.norm_every_tap or i == last_idx) else x
-                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+        last_idx = len(getattr(self, self.trunk_attr)) - 1
+
+        def tap(i: int, feat: torch.Tensor) -> torch.Tensor:
+            feat = self.norm(feat) if norm and (self.norm_every_tap or i == last_idx) else feat
+            return feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat
+
+        x, intermediates, reached_end = trunk_intermediates(
+            x, self.stem, getattr(self, self.trunk_attr), indices, stop_early, tap)
         if intermediates_only:
             return intermediates
-        if max_index == last_idx or not stop_early:
+        if reached_end:
             x = self.norm(x)
         return x, intermediates
 
