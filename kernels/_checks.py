@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -115,3 +116,26 @@ def check_na_args(
     if scale is None:
         scale = head_dim ** -0.5
     return NAParams(spatial, kernel, dil, strd, heads, head_dim, float(scale))
+
+
+_fallback_warned: Set[Tuple[str, str]] = set()
+
+
+def auto_picks_triton(op: str, q: torch.Tensor, v: torch.Tensor,
+                      unsupported_reason: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[str]]],
+                      stacklevel: int) -> bool:
+    """``backend="auto"``: the Triton kernels for CUDA tensors they support, else the reference.
+
+    A CUDA call that falls back warns once per (op, reason), at the user's frame ``stacklevel``
+    calls up; ``unsupported_reason`` is ``None`` when triton cannot be imported.
+    """
+    if not q.is_cuda:
+        return False
+    reason = unsupported_reason(q, v) if unsupported_reason is not None else "a torch build without triton"
+    if reason is None:
+        return True
+    if (op, reason) not in _fallback_warned:
+        _fallback_warned.add((op, reason))
+        warnings.warn(f"visattn.kernels: {op} falls back to the reference backend: the triton backend does not "
+                      f"support {reason}", stacklevel=stacklevel + 1)
+    return False

@@ -5,12 +5,11 @@ strides are fine, e.g. slices of a fused qkv projection) and return ``[B, *spati
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional
 
 import torch
 
-from ._checks import IntOrTuple, NAParams, check_na_args
+from ._checks import IntOrTuple, NAParams, auto_picks_triton, check_na_args
 from .reference import na_reference
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NAParams, Optional[torch.Tensor]], torch.Tensor]
@@ -24,8 +23,6 @@ except ImportError:  # triton ships with torch's Linux builds only
 else:
     BACKENDS["triton"] = na_triton
 
-_warned: Set[str] = set()
-
 
 def available_backends() -> tuple:
     """Names accepted by the ``backend`` argument (besides ``"auto"``)."""
@@ -34,18 +31,9 @@ def available_backends() -> tuple:
 
 def _resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> Backend:
     if backend == "auto":
-        # Triton for CUDA tensors it supports; the reference otherwise (CPU, float64, ...), with a
-        # one-time warning when a CUDA call falls back.
-        if not q.is_cuda:
-            return BACKENDS["reference"]
-        reason = unsupported_reason(q, v) if unsupported_reason is not None else "a torch build without triton"
-        if reason is None:
-            return BACKENDS["triton"]
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"visattn.kernels: neighborhood attention falls back to the (slow) reference backend: "
-                          f"the triton backend does not support {reason}", stacklevel=4)
-        return BACKENDS["reference"]
+        # The warning points at the caller of na1d/na2d/na3d: 3 frames above this one.
+        use_triton = auto_picks_triton("neighborhood attention", q, v, unsupported_reason, stacklevel=4)
+        return BACKENDS["triton" if use_triton else "reference"]
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
     return BACKENDS[backend]

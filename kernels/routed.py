@@ -9,17 +9,16 @@ block-sparse schemes (fixed local + global blocks, learned routers) pass their o
 """
 from __future__ import annotations
 
-import warnings
-from typing import Optional, Set
+from typing import Optional
 
 import torch
+
+from ._checks import auto_picks_triton
 
 try:
     from .triton_routed import routed_triton, unsupported_reason
 except ImportError:  # triton ships with torch's Linux builds only
     routed_triton = unsupported_reason = None
-
-_warned: Set[str] = set()
 
 
 def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.Tensor:
@@ -105,14 +104,9 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
             raise ValueError(f"routed_attention: index must hold key-region numbers in [0, {k.shape[1]}), got values in "
                              f"[{int(index.min())}, {int(index.max())}]")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto" and q.is_cuda:
-        reason = unsupported_reason(q, v) if unsupported_reason is not None else "a torch build without triton"
-        if reason is None:
-            backend = "triton"
-        elif reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"visattn.kernels: routed attention falls back to the (gathering) reference backend: "
-                          f"the triton backend does not support {reason}", stacklevel=2)
+    if backend == "auto":
+        use_triton = auto_picks_triton("routed attention", q, v, unsupported_reason, stacklevel=2)
+        backend = "triton" if use_triton else "reference"
     if backend == "triton":
         if routed_triton is None:
             raise ValueError("routed_attention: backend='triton' needs triton, which this torch build lacks")

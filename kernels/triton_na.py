@@ -401,8 +401,6 @@ _TUNED: Dict[tuple, LaunchConfig] = {}
 TIMINGS: Dict[tuple, Dict[LaunchConfig, float]] = {}
 
 
-
-
 def _pow2_at_least(x: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, x)))))
 
@@ -416,15 +414,14 @@ def _candidates(kind: str, rank: int) -> List[LaunchConfig]:
 def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:
     """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
     or when ``VISATTN_AUTOTUNE=0``."""
-    candidates = _candidates(kind, rank)
     if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
-        return candidates[0]
+        return _candidates(kind, rank)[0]
     full_key = (kind, rank) + key
-    if full_key not in _TUNED:
+    if full_key not in _TUNED:  # every later call of the shape class is one dict lookup
         import triton.testing
 
         timings = {}
-        for cfg in candidates:
+        for cfg in _candidates(kind, rank):
             try:
                 timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
             except triton.runtime.errors.OutOfResources:

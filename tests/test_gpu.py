@@ -96,12 +96,12 @@ def test_triton_na_matches_fp64_reference(spatial, heads, head_dim, kernel, dila
 
 
 def test_auto_uses_triton_on_cuda_and_warns_once_on_fallback():
+    from visattn.kernels import _checks, na2d
     from visattn.kernels import na as na_module
-    from visattn.kernels import na2d
 
     q = torch.randn(1, 9, 9, 2, 16, device="cuda")
     assert na_module._resolve_backend("auto", q, q) is na_module.BACKENDS["triton"]
-    na_module._warned.clear()
+    _checks._fallback_warned.clear()
     with pytest.warns(UserWarning, match="falls back to the .*reference.*float64"):
         na2d(q.double(), q.double(), q.double(), 3)
     import warnings
