@@ -39,6 +39,9 @@ from ._triton_common import LOG2E, dot, interpreting, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
+# Largest register tile (elements) of a program's rpb-gradient sum; larger kernels (3-D, k >= 9)
+# add each step's partial sums atomically instead.
+_RPB_ACC_MAX = 8192
 
 
 @triton.jit
@@ -208,7 +211,7 @@ def _na_bwd_dq_kernel(
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
-    RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr, RPB_ACC: tl.constexpr, BLOCK_RR: tl.constexpr,
 ):
     # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
     (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
@@ -252,6 +255,12 @@ def _na_bwd_dq_kernel(
         row_t = t0 + (ir // ROWS) // TILE_H  # query position of each reduced row
         row_h = h0 + (ir // ROWS) % TILE_H
         row_kr = ir % ROWS
+        if RPB_ACC:
+            # RPB_ACC: the reduced rows are also summed into a [BLOCK_RR, BLOCK_R] register tile
+            # (rows: flat (dt, dy) offset) by a second 0/1 matmul, so the walk needs no atomics and
+            # the program adds its tile into its slot once at the end.
+            z = tl.arange(0, BLOCK_RR)
+            drpb_acc = tl.zeros([BLOCK_RR, BLOCK_R], tl.float32)
 
     dq = tl.zeros([TQ, BLOCK_D], tl.float32)
     for a in range(0, HALO_T):
@@ -279,17 +288,29 @@ def _na_bwd_dq_kernel(
                 if RPB_DOT:
                     ds_rows = tl.reshape(tl.permute(tl.reshape(ds, (QROWS, TILE_W, ROWS, BLOCK_KW)), (0, 2, 1, 3)),
                                          (QROWS * ROWS, TILE_W * BLOCK_KW))
-                    part = dot(ds_rows, onehot, True)  # [QROWS * ROWS, BLOCK_R]
+                    part = dot(ds_rows, onehot, IEEE)  # [QROWS * ROWS, BLOCK_R]
                     rt = kt - row_t + KT - 1
                     rh = halo_h + r + row_kr - row_h + KH - 1
-                    ok = ((rt >= 0) & (rt < 2 * KT - 1) & (rh >= 0) & (rh < 2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
-                    tl.atomic_add(drpb_base + (rt * s_rt + rh * s_rh)[:, None] + y[None, :] * s_rw, part, mask=ok)
+                    row_ok = (rt >= 0) & (rt < 2 * KT - 1) & (rh >= 0) & (rh < 2 * KH - 1)
+                    if RPB_ACC:
+                        target = tl.where(row_ok, rt * (2 * KH - 1) + rh, -1)
+                        drpb_acc += dot((z[:, None] == target[None, :]).to(tl.float32), part, IEEE)
+                    else:
+                        ok = row_ok[:, None] & (y < 2 * KW - 1)[None, :]
+                        tl.atomic_add(drpb_base + (rt * s_rt + rh * s_rh)[:, None] + y[None, :] * s_rw, part, mask=ok)
                 else:
                     tl.atomic_add(drpb_base + rel, ds, mask=in_window)
             if IEEE:
                 dq += dot(ds, k.to(tl.float32), IEEE)
             else:
                 dq += dot(ds.to(k.dtype), k, IEEE)
+    if HAS_RPB:
+        if RPB_DOT:
+            if RPB_ACC:
+                zt = z // (2 * KH - 1)
+                zh = z % (2 * KH - 1)
+                ok = (z < (2 * KT - 1) * (2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
+                tl.atomic_add(drpb_base + (zt * s_rt + zh * s_rh)[:, None] + y[None, :] * s_rw, drpb_acc, mask=ok)
     dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
     tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_od, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -532,13 +553,18 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         grid, meta = _common_meta(dims, q.dtype, params, cfg)
         if rpb is not None:
             scratch.zero_()
+        rpb_dot = rpb is not None and cfg.tile[0] * cfg.tile[1] * cfg.rows >= 16
+        block_r = _pow2_at_least(2 * meta["KW"] - 1)
+        block_rr = _pow2_at_least((2 * meta["KT"] - 1) * (2 * meta["KH"] - 1))
+        # The register tile of the rpb gradient, where it fits (its rows are all (dt, dy) offsets).
+        rpb_acc = rpb_dot and block_rr * block_r <= _RPB_ACC_MAX
         _na_bwd_dq_kernel[grid](
             q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch,
             *in_strides, *out_strides, *_rpb_strides(rpb_c),
             T, H, W, heads, D, params.scale * LOG2E, params.scale, _RPB_SLOTS, max(rpb_numel, 1),
             BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
-            HAS_RPB=rpb is not None, RPB_DOT=rpb is not None and cfg.tile[0] * cfg.tile[1] * cfg.rows >= 16,
-            BLOCK_R=_pow2_at_least(2 * meta["KW"] - 1), **meta,
+            HAS_RPB=rpb is not None, RPB_DOT=rpb_dot,
+            BLOCK_R=block_r, RPB_ACC=rpb_acc, BLOCK_RR=block_rr, **meta,
         )
 
     def launch_dkdv(cfg: LaunchConfig) -> None:

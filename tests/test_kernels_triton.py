@@ -65,9 +65,13 @@ def test_forward_backward_match_reference(spatial, kernel, dilation, stride, wit
     LaunchConfig((1, 4, 8), 2, 4, 2),  # 8 reduced rows: < 16, so per-element atomics too
     LaunchConfig((1, 8, 16), 2, 4, 2),  # one-hot matmul reduction, wide tiles
 ], ids=["rows1", "rows2-small-tile", "rows2-wide"])
-def test_launch_configs_agree(monkeypatch, config):
-    """Every tuning candidate computes the same function (tiles, key rows per step, rpb reductions)."""
+@pytest.mark.parametrize("rpb_tile", [True, False], ids=["rpb-register-tile", "rpb-step-atomics"])
+def test_launch_configs_agree(monkeypatch, config, rpb_tile):
+    """Every tuning candidate computes the same function (tiles, key rows per step, rpb reductions:
+    the register tile of the gradient, or per-step atomic partial sums where it would not fit)."""
     monkeypatch.setattr(triton_na, "_candidates", lambda kind, rank: [config])
+    if not rpb_tile:
+        monkeypatch.setattr(triton_na, "_RPB_ACC_MAX", 0)
     q, k, v, rpb = _inputs((18, 21), 5, 16, True)
     grad = torch.randn(q.shape, device=DEVICE)
     got = _fwd_bwd(na2d, q, k, v, rpb, grad, "triton", 5, (2, 1), (1, 2))
