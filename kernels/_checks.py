@@ -4,7 +4,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -49,6 +49,28 @@ def _per_axis(name: str, value: IntOrTuple, ndim: int) -> Tuple[int, ...]:
     return values
 
 
+# Validated calls by signature: a model repeats the same few calls every step, and the checks
+# below cost more host time than a kernel launch. Only plain ints / tuples of ints and float /
+# None scales form keys, so a call that would be refused (a bool, a float kernel) is never
+# answered from the cache.
+_CHECKED: Dict[tuple, NAParams] = {}
+_MAX_CHECKED = 4096
+
+
+def _plain(value) -> bool:
+    return type(value) is int or (type(value) is tuple and all(type(v) is int for v in value))
+
+
+def _call_key(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale) -> Optional[tuple]:
+    if not (_plain(kernel_size) and _plain(dilation) and _plain(stride) and (scale is None or type(scale) is float)
+            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and (rpb is None or isinstance(rpb, torch.Tensor))):
+        return None
+    rpb_key = None if rpb is None else (rpb.shape, rpb.dtype, rpb.device)
+    return (ndim, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            kernel_size, dilation, stride, rpb_key, scale)
+
+
 def check_na_args(
     ndim: int,
     q: torch.Tensor,
@@ -64,6 +86,18 @@ def check_na_args(
 
     Raises ``ValueError`` naming what was expected and what was given.
     """
+    key = _call_key(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
+    params = _CHECKED.get(key) if key is not None else None
+    if params is None:
+        params = _check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
+        if key is not None:
+            if len(_CHECKED) >= _MAX_CHECKED:
+                _CHECKED.clear()
+            _CHECKED[key] = params
+    return params
+
+
+def _check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale) -> NAParams:
     fn = f"na{ndim}d"
     layout = "[B, " + ", ".join("XYZ"[:ndim]) + ", heads, head_dim]"
     for name, t in (("q", q), ("k", k), ("v", v)):

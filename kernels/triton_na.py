@@ -394,7 +394,7 @@ def _na_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: lifting to 3-D, launch configurations, tuning.
+# Host side: lifting to 3-D, launch configurations, tuning, launch plans.
 # --------------------------------------------------------------------------------------------
 
 
@@ -438,7 +438,7 @@ def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], No
     if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
         return _candidates(kind, rank)[0]
     full_key = (kind, rank) + key
-    if full_key not in _TUNED:  # every later call of the shape class is one dict lookup
+    if full_key not in _TUNED:
         import triton.testing
 
         timings = {}
@@ -452,10 +452,17 @@ def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], No
     return _TUNED[full_key]
 
 
-def _strides(t: torch.Tensor, rank: int) -> tuple:
+def _lift_strides(strides: Sequence[int], rank: int) -> tuple:
     """Strides of ``[B, *spatial, heads, D]`` as a ``[B, T, H, W, heads, D]`` tensor (missing axes: 0)."""
-    st = t.stride()
-    return (st[0],) + (0,) * (3 - rank) + st[1:]
+    return (strides[0],) + (0,) * (3 - rank) + tuple(strides[1:])
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _same_strides(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -466,18 +473,31 @@ def _same_strides(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-def _dims(q: torch.Tensor, rank: int) -> tuple:
-    """``(B, T, H, W, heads, D)`` of a ``[B, *spatial, heads, D]`` tensor."""
-    return (q.shape[0],) + (1,) * (3 - rank) + tuple(q.shape[1:])
-
-
 def _lift_params(params: NAParams) -> Tuple[tuple, tuple, tuple]:
     pad = (1,) * (3 - len(params.spatial))
     return pad + params.kernel_size, pad + params.dilation, pad + params.stride
 
 
-def _common_meta(dims: tuple, dtype: torch.dtype, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
-    B, T, H, W, heads, D = dims
+def _rpb_strides(rpb: torch.Tensor) -> tuple:
+    """Strides of the rpb as ``[heads, 2kt-1, 2kh-1, 2kw-1]``."""
+    st = rpb.stride()
+    return (st[0],) + (0,) * (4 - rpb.dim()) + st[1:]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of one launch but its tensors: grid, scalar arguments, constexprs and warps."""
+
+    grid: Tuple[int, int, int]
+    scalars: tuple
+    meta: Dict[str, object]
+
+
+def _geometry(q_shape: Sequence[int], dtype: torch.dtype, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
+    """Grid and the constexprs every kernel takes, for ``[B, *spatial, heads, D]`` inputs."""
+    rank = len(params.spatial)
+    B, heads, D = q_shape[0], q_shape[-2], q_shape[-1]
+    T, H, W = (1,) * (3 - rank) + tuple(params.spatial)
     (kt, kh, kw), (dt, dh, dw), (st, sh, sw) = _lift_params(params)
     tt, th, tw = cfg.tile
     tiles = math.ceil(math.ceil(T / dt) / tt) * math.ceil(math.ceil(H / dh) / th) * math.ceil(math.ceil(W / dw) / tw)
@@ -488,19 +508,66 @@ def _common_meta(dims: tuple, dtype: torch.dtype, params: NAParams, cfg: LaunchC
     return grid, meta
 
 
-def _shape_class(dims: tuple, dtype: torch.dtype, params: NAParams, has_rpb: bool) -> tuple:
-    B, T, H, W, heads, D = dims
+def _tensor_scalars(key: tuple) -> tuple:
+    """The scalar arguments every kernel takes after its pointers: strides of the inputs, of the
+    (contiguous) outputs and of the rpb, the lifted sizes, heads, head_dim and the base-2 scale."""
+    params, q_shape, q_strides, _, rpb_strides = key[1:6]
+    rank = len(params.spatial)
+    return (*_lift_strides(q_strides, rank), *_lift_strides(_contiguous_strides(q_shape), rank),
+            *(rpb_strides or (0, 0, 0, 0)), *((1,) * (3 - rank) + tuple(params.spatial)),
+            q_shape[-2], q_shape[-1], params.scale * LOG2E)
+
+
+def _fwd_plan(key: tuple, cfg: LaunchConfig) -> _Plan:
+    params, q_shape, _, dtype, rpb_strides = key[1:6]
+    grid, meta = _geometry(q_shape, dtype, params, cfg)
+    meta.update(BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
+                HAS_RPB=rpb_strides is not None)
+    return _Plan(grid, _tensor_scalars(key), meta)
+
+
+def _bwd_plans(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tuple[_Plan, _Plan]:
+    params, q_shape, _, dtype, rpb_strides = key[1:6]
+    tensor_scalars = _tensor_scalars(key)
+    has_rpb = rpb_strides is not None
+    rpb_numel = math.prod(2 * k - 1 for k in params.kernel_size) if has_rpb else 1
+
+    grid, meta = _geometry(q_shape, dtype, params, cfg_dq)
+    rpb_dot = has_rpb and cfg_dq.tile[0] * cfg_dq.tile[1] * cfg_dq.rows >= 16
+    block_r = _pow2_at_least(2 * meta["KW"] - 1)
+    block_rr = _pow2_at_least((2 * meta["KT"] - 1) * (2 * meta["KH"] - 1))
+    meta.update(BLOCK_KW=_pow2_at_least(cfg_dq.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg_dq.rows,
+                HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
+                # The register tile of the rpb gradient, where it fits (rows: every (dt, dy) offset).
+                RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr)
+    dq = _Plan(grid, tensor_scalars + (params.scale, _RPB_SLOTS, rpb_numel), meta)
+
+    grid, meta = _geometry(q_shape, dtype, params, cfg_dkdv)
+    meta.update(BLOCK_QW=_pow2_at_least(cfg_dkdv.tile[2] + 2 * (meta["KW"] // 2) + meta["SW"]), HAS_RPB=has_rpb)
+    return dq, _Plan(grid, tensor_scalars, meta)
+
+
+def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype, has_rpb: bool) -> tuple:
     # Size buckets (powers of two of the token count and of the batch x heads) keep tuning per class.
-    return (_lift_params(params), D, dtype, has_rpb, (T * H * W).bit_length(), (B * heads).bit_length())
+    return (_lift_params(params), q_shape[-1], dtype, has_rpb, math.prod(params.spatial).bit_length(),
+            (q_shape[0] * q_shape[-2]).bit_length())
 
 
-def _rpb_strides(rpb: Optional[torch.Tensor]) -> tuple:
-    if rpb is None:
-        return (0, 0, 0, 0)
-    r = rpb
-    for _ in range(4 - r.dim()):
-        r = r.unsqueeze(1)
-    return r.stride()
+# Launch plans by call signature: a repeated call (every training step) costs one dict lookup
+# on the host instead of re-deriving grids, strides and constexprs.
+_PLANS: Dict[tuple, object] = {}
+_MAX_PLANS = 4096
+
+
+def _plan_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor]) -> tuple:
+    return (kind, params, tuple(q.shape), q.stride(), q.dtype, None if rpb is None else _rpb_strides(rpb), q.device)
+
+
+def _remember(key: tuple, plan: object) -> object:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
 
 
 def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
@@ -509,25 +576,20 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
 
     Returns the output (contiguous, input dtype) and the base-2 log-sum-exp ``[B, heads, N]`` (fp32).
     """
-    rank = len(params.spatial)
     q, k, v = _same_strides(q, k, v)
-    dims = _dims(q, rank)
-    B, T, H, W, heads, D = dims
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, heads, T * H * W), dtype=torch.float32, device=q.device)
+    lse = torch.empty((q.shape[0], params.heads, math.prod(params.spatial)), dtype=torch.float32, device=q.device)
+    tensors = (q, k, v, rpb if rpb is not None else q, out, lse)
+    key = _plan_key("fwd", params, q, rpb)
+    plan = _PLANS.get(key)
+    if plan is None:
+        def launch(cfg: LaunchConfig) -> None:
+            p = _fwd_plan(key, cfg)
+            _na_fwd_kernel[p.grid](*tensors, *p.scalars, **p.meta)
 
-    def launch(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(dims, q.dtype, params, cfg)
-        tw, (kw, sw) = cfg.tile[2], (meta["KW"], meta["SW"])
-        _na_fwd_kernel[grid](
-            q, k, v, rpb if rpb is not None else q, out, lse,
-            *_strides(q, rank), *_strides(out, rank), *_rpb_strides(rpb),
-            T, H, W, heads, D, params.scale * LOG2E,
-            BLOCK_KW=_pow2_at_least(tw + kw + sw - 2), ROWS=cfg.rows, HAS_RPB=rpb is not None, **meta,
-        )
-
-    cfg = _tuned("fwd", _shape_class(dims, q.dtype, params, rpb is not None), rank, launch)
-    launch(cfg)
+        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial), launch)
+        plan = _remember(key, _fwd_plan(key, cfg))
+    _na_fwd_kernel[plan.grid](*tensors, *plan.scalars, **plan.meta)
     return out, lse
 
 
@@ -535,53 +597,45 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                 rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                 params: NAParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32)."""
-    rank = len(params.spatial)
     q, k, v = _same_strides(q, k, v)
     grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()  # out is contiguous
-    dims = _dims(q, rank)
-    B, T, H, W, heads, D = dims
     dq, dk, dv = (torch.empty(out.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
-    rpb_numel = rpb[0].numel() if rpb is not None else 0
-    # fp32 partial sums of the rpb gradient, [heads, slots, prod(2k - 1)]; zeroed per launch.
-    scratch = torch.empty((heads, _RPB_SLOTS, max(rpb_numel, 1)), dtype=torch.float32, device=q.device)
     rpb_c = rpb.contiguous() if rpb is not None else None  # its strides index the scratch too
-    shape_class = _shape_class(dims, q.dtype, params, rpb is not None)
-    in_strides, out_strides = _strides(q, rank), _strides(out, rank)
+    rpb_numel = rpb_c[0].numel() if rpb is not None else 1
+    # fp32 partial sums of the rpb gradient, [heads, slots, prod(2k - 1)] (without rpb an unread
+    # placeholder of the same dtype, so both cases share one compiled signature).
+    scratch = (torch.zeros((params.heads, _RPB_SLOTS, rpb_numel), dtype=torch.float32, device=q.device)
+               if rpb is not None else lse)
+    dq_tensors = (q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch)
+    dkdv_tensors = (q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv)
+    key = _plan_key("bwd", params, q, rpb_c)
+    plans = _PLANS.get(key)
+    if plans is None:
+        shape_class = _shape_class(params, q.shape, q.dtype, rpb is not None)
+        rank, default = len(params.spatial), _candidates("bwd_dkdv", len(params.spatial))[0]
 
-    def launch_dq(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(dims, q.dtype, params, cfg)
+        def launch_dq(cfg: LaunchConfig) -> None:
+            p = _bwd_plans(key, cfg, default)[0]
+            if rpb is not None:
+                scratch.zero_()
+            _na_bwd_dq_kernel[p.grid](*dq_tensors, *p.scalars, **p.meta)
+
+        cfg_dq = _tuned("bwd_dq", shape_class, rank, launch_dq)
+        launch_dq(cfg_dq)  # delta, which the key-centric kernel reads, for its tuning
+
+        def launch_dkdv(cfg: LaunchConfig) -> None:
+            p = _bwd_plans(key, cfg_dq, cfg)[1]
+            _na_bwd_dkdv_kernel[p.grid](*dkdv_tensors, *p.scalars, **p.meta)
+
+        cfg_dkdv = _tuned("bwd_dkdv", shape_class, rank, launch_dkdv)
+        plans = _remember(key, _bwd_plans(key, cfg_dq, cfg_dkdv))
         if rpb is not None:
             scratch.zero_()
-        rpb_dot = rpb is not None and cfg.tile[0] * cfg.tile[1] * cfg.rows >= 16
-        block_r = _pow2_at_least(2 * meta["KW"] - 1)
-        block_rr = _pow2_at_least((2 * meta["KT"] - 1) * (2 * meta["KH"] - 1))
-        # The register tile of the rpb gradient, where it fits (its rows are all (dt, dy) offsets).
-        rpb_acc = rpb_dot and block_rr * block_r <= _RPB_ACC_MAX
-        _na_bwd_dq_kernel[grid](
-            q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch,
-            *in_strides, *out_strides, *_rpb_strides(rpb_c),
-            T, H, W, heads, D, params.scale * LOG2E, params.scale, _RPB_SLOTS, max(rpb_numel, 1),
-            BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
-            HAS_RPB=rpb is not None, RPB_DOT=rpb_dot,
-            BLOCK_R=block_r, RPB_ACC=rpb_acc, BLOCK_RR=block_rr, **meta,
-        )
-
-    def launch_dkdv(cfg: LaunchConfig) -> None:
-        grid, meta = _common_meta(dims, q.dtype, params, cfg)
-        kw, sw = meta["KW"], meta["SW"]
-        _na_bwd_dkdv_kernel[grid](
-            q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv,
-            *in_strides, *out_strides, *_rpb_strides(rpb_c),
-            T, H, W, heads, D, params.scale * LOG2E,
-            BLOCK_QW=_pow2_at_least(cfg.tile[2] + 2 * (kw // 2) + sw), HAS_RPB=rpb is not None, **meta,
-        )
-
-    launch_dq(_tuned("bwd_dq", shape_class, rank, launch_dq))  # also writes delta for the next kernel
-    launch_dkdv(_tuned("bwd_dkdv", shape_class, rank, launch_dkdv))
-    drpb = None
-    if rpb is not None:
-        drpb = scratch.sum(1).view(rpb.shape).to(rpb.dtype)
+    dq_plan, dkdv_plan = plans
+    _na_bwd_dq_kernel[dq_plan.grid](*dq_tensors, *dq_plan.scalars, **dq_plan.meta)  # also writes delta
+    _na_bwd_dkdv_kernel[dkdv_plan.grid](*dkdv_tensors, *dkdv_plan.scalars, **dkdv_plan.meta)
+    drpb = scratch.sum(1).view(rpb.shape).to(rpb.dtype) if rpb is not None else None
     return dq, dk, dv, drpb
 
 

@@ -2,19 +2,28 @@
 
 Layout: q ``[B, Rq, Tq, heads, D]``, k / v ``[B, Rk, Tk, heads, D]``, routing index ``[B, Rq, topk]``.
 
+Both walks are *packed*: rather than one step per routed region (16 steps of 4 keys at BiFormer
+stage 3, most of each tile masked off), a step covers ``BLOCK`` consecutive entries of the
+concatenated sequence, each row gathered from its own region.
+
 * Forward: a program owns ``BLOCK_Q`` queries of one region (one batch, one head). It walks the
-  ``topk`` routed key regions through the index, loading their K / V tiles from where they lie
-  (no gathered ``topk x`` copy), with an online softmax (base 2); it writes the output and the
-  log-sum-exp.
+  ``topk * Tk`` routed keys in steps of ``BLOCK_K``: key ``e`` is token ``e % Tk`` of region
+  ``index[b, r, e // Tk]``, loaded from where it lies (no gathered ``topk x`` copy). An online
+  softmax (base 2) gives the output and the log-sum-exp.
 * Backward, query-centric: the same walk recomputes P, accumulates dQ in registers and writes
   ``delta = rowsum(dO * O)``.
 * Backward, key-centric: the routing is inverted on the host into a CSR list (for each key region,
-  the query regions that routed to it); a program owns ``BLOCK_K`` keys of one region and walks
-  those query regions, accumulating dK and dV in registers: no atomics.
+  the query regions that routed to it); a program owns ``BLOCK_K2`` keys of one region and walks
+  the ``count * Tq`` queries of those regions in packed steps of ``BLOCK_Q2`` (query ``e`` is
+  token ``e % Tq`` of the list's region ``e // Tq``), accumulating dK and dV in registers: no
+  atomics.
+
+A region routed twice by one query region appears twice in both walks, so its tokens count twice,
+as in the reference's concatenation.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -22,10 +31,12 @@ import triton.language as tl
 
 from ._triton_common import LOG2E, dot, unsupported_reason
 
-_BLOCK_Q = 32
-_BLOCK_K = 32
 
-
+@triton.jit
+def _packed_rows(regions_ptr, offs_e, e_valid, TOKENS):
+    """Entry ``e`` of a packed walk: token ``e % TOKENS`` of region ``regions_ptr[e // TOKENS]``."""
+    region = tl.load(regions_ptr + offs_e // TOKENS, mask=e_valid, other=0)
+    return region, offs_e % TOKENS
 
 
 @triton.jit
@@ -53,23 +64,24 @@ def _routed_fwd_kernel(
     m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for j in range(0, TOPK):
-        kr = tl.load(idx_ptr + (b * RQ + r) * TOPK + j)
-        kv_base = b * s_kb + kr * s_kr + n * s_kh
-        for k0 in range(0, TK, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_valid = offs_k < TK
-            kv_off = kv_base + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-            s = tl.where(k_valid[None, :], dot(q, tl.trans(k), IEEE), -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.where(k_valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
-            m_i = m_new
+    routed = idx_ptr + (b * RQ + r) * TOPK
+    kv_base = b * s_kb + n * s_kh
+    num_keys = TOPK * TK
+    for k0 in range(0, num_keys, BLOCK_K):
+        offs_e = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_e < num_keys
+        kr, t = _packed_rows(routed, offs_e, k_valid, TK)
+        kv_off = kv_base + (kr * s_kr + t * s_kt)[:, None] + offs_d[None, :] * s_kd
+        kv_mask = k_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.where(k_valid[None, :], dot(q, tl.trans(k), IEEE), -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(k_valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
     out = acc / l_i[:, None]
     tl.store(lse_ptr + (b * HEADS + n) * RQ * TQ + r * TQ + offs_q, m_i + tl.log2(l_i), mask=q_valid)
     tl.store(out_ptr + b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od,
@@ -107,22 +119,23 @@ def _routed_bwd_dq_kernel(
     lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for j in range(0, TOPK):
-        kr = tl.load(idx_ptr + (b * RQ + r) * TOPK + j)
-        kv_base = b * s_kb + kr * s_kr + n * s_kh
-        for k0 in range(0, TK, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_valid = offs_k < TK
-            kv_off = kv_base + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
-            ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
-            if IEEE:
-                dq += dot(ds, k.to(tl.float32), IEEE)
-            else:
-                dq += dot(ds.to(k.dtype), k, IEEE)
+    routed = idx_ptr + (b * RQ + r) * TOPK
+    kv_base = b * s_kb + n * s_kh
+    num_keys = TOPK * TK
+    for k0 in range(0, num_keys, BLOCK_K):
+        offs_e = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_e < num_keys
+        kr, t = _packed_rows(routed, offs_e, k_valid, TK)
+        kv_off = kv_base + (kr * s_kr + t * s_kt)[:, None] + offs_d[None, :] * s_kd
+        kv_mask = k_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
+        ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+        if IEEE:
+            dq += dot(ds, k.to(tl.float32), IEEE)
+        else:
+            dq += dot(ds.to(k.dtype), k, IEEE)
     tl.store(dq_ptr + o_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -154,41 +167,59 @@ def _routed_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     start = tl.load(csr_offsets_ptr + b * (RK + 1) + kr)
     end = tl.load(csr_offsets_ptr + b * (RK + 1) + kr + 1)
-    for e in range(start, end):
-        r = tl.load(csr_regions_ptr + b * RQ * TOPK + e).to(tl.int64)
-        for q0 in range(0, TQ, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            q_valid = offs_q < TQ
-            q_mask = q_valid[:, None] & d_valid[None, :]
-            q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
-                        mask=q_mask, other=0.0)
-            q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
-            do = tl.load(do_ptr + b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od,
-                         mask=q_mask, other=0.0)
-            stat_off = (b * HEADS + n) * RQ * TQ + r * TQ + offs_q
-            lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
-            delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
-            valid = k_valid[:, None] & q_valid[None, :]
-            p_t = tl.where(valid, tl.exp2(dot(k, tl.trans(q), IEEE) - lse[None, :]), 0.0)  # [BLOCK_K, BLOCK_Q]
-            ds_t = p_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
-            if IEEE:
-                dv += dot(p_t, do.to(tl.float32), IEEE)
-                dk += dot(ds_t, q.to(tl.float32), IEEE)
-            else:
-                dv += dot(p_t.to(do.dtype), do, IEEE)
-                dk += dot(ds_t.to(q.dtype), q, IEEE)
+    routing = csr_regions_ptr + b * RQ * TOPK + start
+    num_queries = (end - start) * TQ  # zero for a key region no query region picked: dK = dV = 0
+    stat_base = (b * HEADS + n) * RQ * TQ
+    for q0 in range(0, num_queries, BLOCK_Q):
+        offs_e = q0 + tl.arange(0, BLOCK_Q)
+        q_valid = offs_e < num_queries
+        r, t = _packed_rows(routing, offs_e, q_valid, TQ)
+        r = r.to(tl.int64)
+        q_mask = q_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_ptr + b * s_qb + n * s_qh + (r * s_qr + t * s_qt)[:, None] + offs_d[None, :] * s_qd,
+                    mask=q_mask, other=0.0)
+        q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+        do = tl.load(do_ptr + b * s_ob + n * s_oh + (r * s_or + t * s_ot)[:, None] + offs_d[None, :] * s_od,
+                     mask=q_mask, other=0.0)
+        stat_off = stat_base + r * TQ + t
+        lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
+        delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
+        valid = k_valid[:, None] & q_valid[None, :]
+        p_t = tl.where(valid, tl.exp2(dot(k, tl.trans(q), IEEE) - lse[None, :]), 0.0)  # [BLOCK_K, BLOCK_Q]
+        ds_t = p_t * (dot(v, tl.trans(do), IEEE) - delta[None, :])
+        if IEEE:
+            dv += dot(p_t, do.to(tl.float32), IEEE)
+            dk += dot(ds_t, q.to(tl.float32), IEEE)
+        else:
+            dv += dot(p_t.to(do.dtype), do, IEEE)
+            dk += dot(ds_t.to(q.dtype), q, IEEE)
     dk = dk * (1.0 / 1.4426950408889634)  # q carried scale * log2(e); dK needs scale alone
     g_off = b * s_gb + kr * s_gr + n * s_gh + offs_k[:, None] * s_gt + offs_d[None, :] * s_gd
     tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
 
+class _Tiles(NamedTuple):
+    """Tile sizes of one call."""
+    q: int   # queries per forward / dQ program
+    k: int   # packed routed keys per step of the forward / dQ walk
+    k2: int  # keys per dK / dV program
+    q2: int  # packed routing queries per step of the dK / dV walk
+    d: int   # head_dim, padded
 
 
+def _pow2_tile(rows: int) -> int:
+    # A power of two in [16, 64]: tl.dot needs every dim >= 16, and small regions should not pay
+    # for a 64-row tile.
+    return min(64, max(16, triton.next_power_of_2(rows)))
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def _tiles(tq: int, tk: int, topk: int, head_dim: int) -> _Tiles:
+    """The tiles for regions of ``tq`` queries / ``tk`` keys with ``topk`` routed regions."""
+    # The number of query regions routing to a key region varies with the key region, so the dK /
+    # dV walk's step is not fitted to it: 32 packs several small regions, 64 suits large ones.
+    return _Tiles(q=_pow2_tile(tq), k=_pow2_tile(topk * tk), k2=_pow2_tile(tk), q2=64 if tq >= 64 else 32,
+                  d=max(16, triton.next_power_of_2(head_dim)))
 
 
 def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
@@ -197,20 +228,21 @@ def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tor
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     B, Rq, Tq, heads, D = q.shape
+    Tk, topk = k.shape[2], index.shape[-1]
+    tiles = _tiles(Tq, Tk, topk, D)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, Rq * Tq), dtype=torch.float32, device=q.device)
-    grid = (Rq * triton.cdiv(Tq, _BLOCK_Q), B * heads)
-    _routed_fwd_kernel[grid](
+    _routed_fwd_kernel[(Rq * triton.cdiv(Tq, tiles.q), B * heads)](
         q, k, v, index, out, lse, *q.stride(), *k.stride(), *out.stride(),
-        Rq, Tq, k.shape[2], index.shape[-1], heads, D, scale * LOG2E,
-        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32,
+        Rq, Tq, Tk, topk, heads, D, scale * LOG2E,
+        BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=q.dtype == torch.float32,
     )
     return out, lse
 
 
 def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """CSR of the routing: for batch b and key region r, ``regions[b, offsets[b, r]:offsets[b, r+1]]``
-    are the query regions that routed to r."""
+    are the query regions that routed to r (a query region that picked r twice is listed twice)."""
     B, Rq, topk = index.shape
     flat = index.reshape(B, Rq * topk)
     order = torch.argsort(flat, dim=1, stable=True)
@@ -230,22 +262,24 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()
     B, Rq, Tq, heads, D = q.shape
     Rk, Tk = k.shape[1], k.shape[2]
+    topk = index.shape[-1]
+    tiles = _tiles(Tq, Tk, topk, D)
     dq = torch.empty(out.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    block_d, ieee = _block_d(D), q.dtype == torch.float32
-    _routed_bwd_dq_kernel[(Rq * triton.cdiv(Tq, _BLOCK_Q), B * heads)](
+    ieee = q.dtype == torch.float32
+    _routed_bwd_dq_kernel[(Rq * triton.cdiv(Tq, tiles.q), B * heads)](
         q, k, v, index, out, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *out.stride(),
-        Rq, Tq, Tk, index.shape[-1], heads, D, scale * LOG2E, scale,
-        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=block_d, IEEE=ieee,
+        Rq, Tq, Tk, topk, heads, D, scale * LOG2E, scale,
+        BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee,
     )
     offsets, regions = _invert_routing(index, Rk)
-    _routed_bwd_dkdv_kernel[(Rk * triton.cdiv(Tk, _BLOCK_K), B * heads)](
+    _routed_bwd_dkdv_kernel[(Rk * triton.cdiv(Tk, tiles.k2), B * heads)](
         q, k, v, offsets, regions, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *grad_out.stride(), *dk.stride(),
-        Rq, Rk, Tq, Tk, index.shape[-1], heads, D, scale * LOG2E,
-        BLOCK_Q=_BLOCK_Q, BLOCK_K=_BLOCK_K, BLOCK_D=block_d, IEEE=ieee,
+        Rq, Rk, Tq, Tk, topk, heads, D, scale * LOG2E,
+        BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee,
     )
     return dq, dk, dv
 

@@ -70,6 +70,7 @@ def test_launch_configs_agree(monkeypatch, config, rpb_tile):
     """Every tuning candidate computes the same function (tiles, key rows per step, rpb reductions:
     the register tile of the gradient, or per-step atomic partial sums where it would not fit)."""
     monkeypatch.setattr(triton_na, "_candidates", lambda kind, rank: [config])
+    monkeypatch.setattr(triton_na, "_PLANS", {})  # no launch plan cached by another case
     if not rpb_tile:
         monkeypatch.setattr(triton_na, "_RPB_ACC_MAX", 0)
     q, k, v, rpb = _inputs((18, 21), 5, 16, True)

@@ -70,21 +70,51 @@ def test_bad_input(call, match):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _triton_and_reference(q, k, v, index):
+    """Output and (dq, dk, dv) of the Triton and the reference backends, for one random dO."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad = torch.randn(q.shape, device=q.device)
+    results = []
+    for backend in ("triton", "reference"):
+        out = routed_attention(q, k, v, index, 0.3, backend=backend)
+        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
+    return results
+
+
 @pytest.mark.parametrize("B, Rq, Rk, Tq, Tk, topk, heads, D", [
     (2, 9, 9, 4, 4, 3, 2, 16),      # BiFormer stage 3 at 112 px (2x2 regions)
-    (1, 6, 10, 40, 33, 4, 2, 24),   # ragged region sizes over the 32-token tiles, Rq != Rk, head_dim 24
+    (1, 6, 10, 40, 33, 4, 2, 24),   # ragged: partial query / key tiles, 132 packed keys, Rq != Rk, head_dim 24
     (2, 4, 4, 1, 1, 1, 1, 16),      # one-token regions
 ], ids=["regions2x2", "ragged", "single-token"])
 def test_triton_matches_reference(B, Rq, Rk, Tq, Tk, topk, heads, D):
-    q = torch.randn(B, Rq, Tq, heads, D, device=DEVICE, requires_grad=True)
-    k = torch.randn(B, Rk, Tk, heads, D, device=DEVICE, requires_grad=True)
-    v = torch.randn(B, Rk, Tk, heads, D, device=DEVICE, requires_grad=True)
+    q = torch.randn(B, Rq, Tq, heads, D, device=DEVICE)
+    k, v = (torch.randn(B, Rk, Tk, heads, D, device=DEVICE) for _ in range(2))
     index = torch.stack([torch.randperm(Rk)[:topk] for _ in range(B * Rq)]).view(B, Rq, topk).to(DEVICE)
-    grad = torch.randn(B, Rq, Tq, heads, D, device=DEVICE)
-    got = routed_attention(q, k, v, index, 0.3, backend="triton")
-    want = routed_attention(q, k, v, index, 0.3, backend="reference")
-    for g, w in zip([got, *torch.autograd.grad(got, (q, k, v), grad)], [want, *torch.autograd.grad(want, (q, k, v), grad)]):
+    got, want = _triton_and_reference(q, k, v, index)
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Rq, Rk, Tq, Tk, topk, repeats", [
+    (5, 6, 4, 4, 5, False),    # 20 packed keys from 5 regions: one partial step
+    (4, 7, 3, 5, 3, False),    # Tq != Tk, Rq != Rk
+    (6, 4, 5, 1, 3, False),    # one-token key regions
+    (3, 17, 2, 5, 15, False),  # 75 packed keys: two steps of 64, one region split between them
+    (8, 3, 5, 4, 4, True),     # repeated picks, key region 2 never picked; ~80 packed queries per picked region
+], ids=["packed-partial", "tq-ne-tk", "single-token-keys", "several-key-steps", "repeats-unrouted"])
+def test_triton_packed_walks_match_reference(Rq, Rk, Tq, Tk, topk, repeats):
+    """Both packed walks (routed keys for out / dq, routing queries for dk / dv) across region boundaries."""
+    q = torch.randn(1, Rq, Tq, 2, 16, device=DEVICE)
+    k, v = (torch.randn(1, Rk, Tk, 2, 16, device=DEVICE) for _ in range(2))
+    if repeats:  # 4 picks among 2 regions: every row repeats one
+        index = torch.randint(0, Rk - 1, (1, Rq, topk), device=DEVICE)
+    else:
+        index = torch.stack([torch.randperm(Rk)[:topk] for _ in range(Rq)]).view(1, Rq, topk).to(DEVICE)
+    got, want = _triton_and_reference(q, k, v, index)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if repeats:
+        assert not got[2][:, -1].any() and not got[3][:, -1].any(), "an unpicked key region has nonzero dk / dv"
 
 
 def test_triton_strided_views_and_fp16():
