@@ -58,25 +58,39 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tenso
                          f"got {index.dtype} {tuple(index.shape)}")
 
 
-def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """Gathers the routed key/value regions (``topk x`` copies, as the official BiFormer code does)
-    and attends densely inside them; half precision is computed in fp32."""
+def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """The official BiFormer algorithm: gather the routed key/value regions (``topk x`` copies of K
+    and V) and attend densely inside them, in the dtype of the inputs."""
     B, Rq, Tq, heads, D = q.shape
     topk, Tk = index.shape[-1], k.shape[2]
-    out_dtype = q.dtype
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
     batch = torch.arange(B, device=q.device)[:, None, None]
     k_sel = k[batch, index].reshape(B, Rq, topk * Tk, heads, D)
     v_sel = v[batch, index].reshape(B, Rq, topk * Tk, heads, v.shape[-1])
     logits = torch.einsum("brqhd,brkhd->brhqk", q * scale, k_sel)
-    out = torch.einsum("brhqk,brkhd->brqhd", logits.softmax(dim=-1), v_sel)
-    return out.to(out_dtype)
+    return torch.einsum("brhqk,brkhd->brqhd", logits.softmax(dim=-1), v_sel)
+
+
+def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """The numerical reference: the gather algorithm, with half precision computed in fp32."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return _gathered_attention(q.float(), k.float(), v.float(), index, scale).to(q.dtype)
+    return _gathered_attention(q, k, v, index, scale)
+
+
+def routed_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """A faithful port of the official implementation (the gather in the inputs' dtype), the
+    baseline of the benchmarks."""
+    return _gathered_attention(q, k, v, index, scale)
+
+
+_BACKENDS = ("auto", "reference", "gather", "triton")
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                     scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+                     scale: Optional[float] = None, backend: str = "auto", check_index: bool = True) -> torch.Tensor:
     """Every query of region ``r`` attends to all tokens of the key regions ``index[b, r, :]``.
 
     Args:
@@ -86,16 +100,20 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
             :func:`region_topk`); the same routing serves every head.
         scale: logit scale, default ``D ** -0.5``.
         backend: ``"auto"`` (the fused Triton kernels for CUDA tensors they support, else the
-            reference), ``"triton"`` or ``"reference"``.
+            reference), ``"triton"``, ``"reference"`` (half precision computed in fp32) or
+            ``"gather"`` (the official algorithm in the inputs' dtype: ``topk`` copies of K / V).
+        check_index: verify that every index lies in ``[0, Rk)`` (a ValueError on CPU, an
+            asynchronous device assert on CUDA); callers whose index comes from
+            :func:`region_topk` may pass ``False`` to save the extra launches.
 
     Returns:
         ``[B, Rq, Tq, heads, Dv]``: ``softmax(scale q K_r^T) V_r`` with ``K_r, V_r`` the
         concatenated ``topk * Tk`` routed tokens.
     """
     _check(q, k, v, index)
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected 'auto', 'reference' or 'triton'")
-    if index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
+    if backend not in _BACKENDS:
+        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected one of {_BACKENDS}")
+    if check_index and index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
         # Out-of-range regions would be read from arbitrary memory by the fused kernels.
         in_range = (index >= 0).all() & (index < k.shape[1]).all()
         if index.is_cuda:
@@ -111,4 +129,6 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         if routed_triton is None:
             raise ValueError("routed_attention: backend='triton' needs triton, which this torch build lacks")
         return routed_triton(q, k, v, index, scale)
+    if backend == "gather":
+        return routed_attention_gather(q, k, v, index, scale)
     return routed_attention_reference(q, k, v, index, scale)

@@ -244,13 +244,11 @@ def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Te
     """CSR of the routing: for batch b and key region r, ``regions[b, offsets[b, r]:offsets[b, r+1]]``
     are the query regions that routed to r (a query region that picked r twice is listed twice)."""
     B, Rq, topk = index.shape
-    flat = index.reshape(B, Rq * topk)
-    order = torch.argsort(flat, dim=1, stable=True)
-    regions = (order // topk).to(torch.int32).contiguous()
-    counts = torch.zeros(B, num_key_regions, dtype=torch.int32, device=index.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.zeros(B, num_key_regions + 1, dtype=torch.int32, device=index.device)
-    offsets[:, 1:] = counts.cumsum(1)
+    # One sort and one binary search (few launches: this runs once per layer and step).
+    sorted_regions, order = torch.sort(index.reshape(B, Rq * topk), dim=1, stable=True)
+    regions = (order // topk).to(torch.int32)
+    bounds = torch.arange(num_key_regions + 1, device=index.device).expand(B, -1).contiguous()
+    offsets = torch.searchsorted(sorted_regions, bounds, out_int32=True)
     return offsets, regions
 
 

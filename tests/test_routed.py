@@ -50,6 +50,22 @@ def test_region_topk_orders_and_breaks_ties_by_lower_index():
     assert region_topk(q_desc, k_desc, 3).tolist() == [[[1, 0, 2]]]  # 0, 2 and 3 tie: lower index first
 
 
+def test_gather_backend_is_the_reference_in_the_input_dtype():
+    """The benchmarks' baseline computes what the reference does; in half precision it stays in
+    that dtype (its error is a half-precision one, larger than the reference's)."""
+    q, k, v = (torch.randn(2, 6, 5, 2, 8) for _ in range(3))
+    index = torch.stack([torch.randperm(6)[:3] for _ in range(12)]).view(2, 6, 3)
+    exact = routed_attention(q.double(), k.double(), v.double(), index, backend="reference")
+    torch.testing.assert_close(routed_attention(q, k, v, index, backend="gather"), exact.float(), rtol=1e-5, atol=1e-6)
+    half = [t.bfloat16() for t in (q, k, v)]
+    exact = routed_attention(*(t.double() for t in half), index, backend="reference")  # of the rounded inputs
+    gather = routed_attention(*half, index, backend="gather")
+    reference = routed_attention(*half, index, backend="reference")
+    assert gather.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(gather.double(), exact, rtol=0.05, atol=0.05)
+    assert (gather.double() - exact).norm() > (reference.double() - exact).norm()
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda q, k, v, i: routed_attention(q[0], k, v, i), r"q must be a 5-D tensor \[B, regions"),
     (lambda q, k, v, i: routed_attention(q, k, v[:, :3], i), r"k and v must agree"),

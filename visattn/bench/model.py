@@ -2,7 +2,7 @@
 
 One training step is forward, backward and an AdamW step under bf16 autocast on random images and
 labels. Every model runs in the same process on the same batch; the neighborhood-attention models
-run once per op backend (``triton``, ``reference``).
+run once per op backend (``triton``, ``reference``; BiFormer also ``gather``, the official algorithm).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str]) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME[@BACKEND]",
-                        help=f"timm names, optionally @triton / @reference (default: {' '.join(DEFAULT_MODELS)})")
+                        help=f"timm names, optionally @triton / @reference / @gather (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out", default="benchmarks/results", help="folder for model.json ('' for none)")

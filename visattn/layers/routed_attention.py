@@ -44,22 +44,24 @@ class BiLevelRoutingAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, auto_pad={self.auto_pad}"
 
-    def _regions(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, H, W, C]`` -> ``[B, n_win**2, tokens_per_region, heads, C // heads]`` (row-major regions)."""
-        B, H, W, C = t.shape
+    def _regions(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, C]`` -> ``[B, n_win**2, tokens_per_region, C]`` (row-major regions, one copy)."""
+        B, H, W, C = qkv.shape
         n = self.n_win
-        t = t.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5)
-        return t.reshape(B, n * n, (H // n) * (W // n), self.num_heads, C // self.num_heads)
+        t = qkv.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(B, n * n, (H // n) * (W // n), C)
 
     @torch.jit.ignore
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, qkv_r: torch.Tensor, C: int) -> torch.Tensor:
         # Kept out of TorchScript: routing and the op dispatch to Python backends.
-        B, R = q.shape[:2]
+        B, R, T, _ = qkv_r.shape
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in qkv_r.split([self.qk_dim, self.qk_dim, C], dim=-1))
         # Region descriptors: mean q / k per region, detached (the released models route without gradient).
         q_desc = q.detach().mean(2).reshape(B, R, -1)
         k_desc = k.detach().mean(2).reshape(B, R, -1)
         index = region_topk(q_desc * self.scale, k_desc, self.topk)
-        return routed_attention(q, k, v, index, self.scale, self.backend)
+        # region_topk's indices lie in [0, R) by construction: no range check needed.
+        return routed_attention(q, k, v, index, self.scale, self.backend, check_index=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -71,12 +73,14 @@ class BiLevelRoutingAttention(nn.Module):
                                  f"(or build the model with auto_pad=True)")
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, C], dim=-1)
-        q_r, k_r, v_r = self._regions(q), self._regions(k), self._regions(v)
-        out = self._attend(q_r, k_r, v_r)
+        qkv = self.qkv(x)
+        out = self._attend(self._regions(qkv), C)
         h, w = Hp // n, Wp // n
         out = out.reshape(B, n, n, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # LePE on a packed channels-last copy of v: the sliced view would send the depthwise conv to
+        # a slow generic kernel.
+        v = qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        out = out + self.lepe(v).permute(0, 2, 3, 1)
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
 
