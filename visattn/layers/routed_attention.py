@@ -77,10 +77,7 @@ class BiLevelRoutingAttention(nn.Module):
         out = self._attend(self._regions(qkv), C)
         h, w = Hp // n, Wp // n
         out = out.reshape(B, n, n, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        # LePE on a packed channels-last copy of v: the sliced view would send the depthwise conv to
-        # a slow generic kernel.
-        v = qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        out = out + self.lepe(v).permute(0, 2, 3, 1)
+        out = out + self.lepe(qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
 
