@@ -1,0 +1,56 @@
+"""Layers shared by the super-resolution families (RCAN, HAN, HAT, PAN, A2N, TCSR)."""
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation channel attention (RCAN's CALayer, HAT's CAB attention).
+
+    ``x * sigmoid(fc2(relu(fc1(avgpool(x)))))`` with 1x1 convs ``channels -> channels // reduction
+    -> channels``. Input and output: ``[B, channels, H, W]``.
+    """
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        if channels // reduction < 1:
+            raise ValueError(f"ChannelAttention: reduction {reduction} leaves no channels of {channels}")
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(y))))
+
+
+class MeanShift(nn.Conv2d):
+    """EDSR-style mean shift: a 1x1 conv initialised to ``x + sign * rgb_range * mean``.
+
+    Its weight and bias are ordinary parameters: the official RCAN / HAN / A2N training code left
+    them trainable, so released checkpoints may hold drifted values, which load as they are.
+    """
+
+    def __init__(self, rgb_range: float, mean: Sequence[float], sign: int = -1):
+        super().__init__(3, 3, 1)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.bias.copy_(sign * rgb_range * torch.tensor(mean, dtype=torch.float32))
+
+
+class PixelShuffleUpsampler(nn.Sequential):
+    """Conv + PixelShuffle stages: ``log2(scale)`` x2 stages for powers of two, one x3 stage for 3.
+
+    Children are ``[conv, shuffle] * stages`` (the layout of EDSR's ``Upsampler`` and HAT's
+    ``Upsample``, so official keys map by index). Input ``[B, C, H, W]``, output ``[B, C, sH, sW]``.
+    """
+
+    def __init__(self, scale: int, channels: int):
+        if scale not in (2, 3, 4, 8):
+            raise ValueError(f"PixelShuffleUpsampler: scale must be 2, 3, 4 or 8, got {scale}")
+        factors = [3] if scale == 3 else [2] * (scale.bit_length() - 1)
+        layers = []
+        for f in factors:
+            layers += [nn.Conv2d(channels, f * f * channels, 3, padding=1), nn.PixelShuffle(f)]
+        super().__init__(*layers)

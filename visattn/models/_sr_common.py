@@ -1,0 +1,56 @@
+"""Conventions shared by the super-resolution families.
+
+Every visattn SR model takes RGB in **[0, 1]** ``[B, 3, H, W]`` of any size and returns
+``[B, 3, scale*H, scale*W]`` in [0, 1] (not clamped). Families whose official code works on
+[0, 255] (RCAN, HAN, A2N) scale inside ``forward``. Each SR model has an ``upscale`` attribute
+(its scale factor), and its pretrained cfg carries ``mean=(0,0,0)``, ``std=(1,1,1)``, no classifier.
+"""
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from visattn.models._common import check_image_batch
+
+__all__ = ["check_sr_input", "pad_to_multiple", "sr_cfg"]
+
+
+def check_sr_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
+    """Raise a ValueError unless ``x`` is a floating ``[B, in_chans, H, W]`` batch."""
+    check_image_batch(x, in_chans, model_name)
+    if not torch.jit.is_scripting() and not x.is_floating_point():
+        raise ValueError(f"{model_name} expects a floating-point image batch in [0, 1], got {x.dtype} "
+                         f"(convert uint8 images with x.float() / 255, or use visattn.sr.upscale)")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad ``[B, C, H, W]`` right/bottom to multiples of ``multiple`` (HAT's test-time padding).
+
+    Maps smaller than the padding they need are padded by mirrored copies (flip and concatenate),
+    which reflect padding cannot do.
+    """
+    H, W = x.shape[-2:]
+    pad_h, pad_w = (-H) % multiple, (-W) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    if pad_h < H and pad_w < W:
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    while x.shape[-2] < H + pad_h:
+        x = torch.cat([x, x.flip(-2)], dim=-2)
+    while x.shape[-1] < W + pad_w:
+        x = torch.cat([x, x.flip(-1)], dim=-1)
+    return x[..., : H + pad_h, : W + pad_w]
+
+
+def sr_cfg(url: str = "", official: str = "", paper: str = "", scale: int = 4, license: Optional[str] = None,
+           origin_url: str = "", first_conv: str = "conv_first", **kwargs) -> Dict:
+    """A pretrained cfg of an SR model (no classifier, identity normalisation, 64x64 LR inputs)."""
+    notes = [f"official name: {official}"] if official else []
+    notes.append(f"super-resolution x{scale}: RGB in [0, 1] of any size -> x{scale} RGB in [0, 1]")
+    cfg = dict(
+        url=url, num_classes=0, input_size=(3, 64, 64), crop_pct=1.0, interpolation="bicubic",
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), first_conv=first_conv, classifier=None,
+        license=license, paper_ids=paper, origin_url=origin_url, notes=tuple(notes),
+    )
+    cfg.update(kwargs)
+    return cfg
