@@ -461,6 +461,23 @@ def test_bad_input_raises_value_error(call, message: str):
         call(q, k, v)
 
 
+def test_validated_call_cache_never_admits_a_bad_variant():
+    """A call validated once (and cached) does not make a bool, float or numpy variant of its
+    arguments, or another shape, skip the checks."""
+    import numpy as np
+
+    q, k, v = _qkv(1, (10, 12), heads=2, head_dim=4, dtype=torch.float32)
+    good = na2d(q, k, v, 3, dilation=1)
+    for kwargs, message in [(dict(kernel_size=3, dilation=True), "dilation must be an int"),
+                            (dict(kernel_size=3.0), "kernel_size must be an int"),
+                            (dict(kernel_size=(3, True)), "kernel_size must be an int")]:
+        with pytest.raises(ValueError, match=message):
+            na2d(q, k, v, **kwargs)
+    torch.testing.assert_close(na2d(q, k, v, np.int64(3), dilation=np.int64(1)), good)  # numpy ints: accepted
+    with pytest.raises(ValueError, match="axis 1 has size 4"):
+        na2d(q[:, :, :4], k[:, :, :4], v[:, :, :4], 3, dilation=2)
+
+
 # --------------------------------------------------------------------------------------------
 # 9. Slab splitting of the reference backend.
 # --------------------------------------------------------------------------------------------
