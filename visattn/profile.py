@@ -77,8 +77,9 @@ def model_summary(name: str, gmacs: bool = True) -> Dict[str, Any]:
         params_m=params / 1e6,
         gmacs=count_gmacs(model, cfg["input_size"]) if gmacs else None,
         input_size=tuple(cfg["input_size"]),
-        strides=[info["reduction"] for info in model.feature_info],
-        channels=[info["num_chs"] for info in model.feature_info],
+        # Super-resolution models (image to image) have no feature pyramid.
+        strides=[info["reduction"] for info in getattr(model, "feature_info", ())],
+        channels=[info["num_chs"] for info in getattr(model, "feature_info", ())],
         tag=cfg.get("tag"),
         url=cfg.get("url"),
         paper_ids=cfg.get("paper_ids"),

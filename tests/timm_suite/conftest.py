@@ -72,6 +72,15 @@ HEAVY_MODELS = [
 ]
 
 
+# Super-resolution models map images to images: timm's classifier contract (num_classes,
+# forward_features / pooled heads, reset_classifier, feature_info) does not apply to them, so only
+# timm's forward / fx / torchscript tests run on them; tests/test_sr_*.py cover the rest.
+SR_MODELS = ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*", "visattn_pan_*", "visattn_a2n_*"]
+SR_APPLICABLE = {"test_model_forward", "test_model_forward_fx", "test_model_forward_torchscript"}
+# The full-size SR bodies (RCAN / HAN: 200 conv blocks, HAT) take 10-25 s per forward test on 2 cores.
+HEAVY_MODELS += ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*"]
+
+
 def _model_of(item):
     callspec = getattr(item, "callspec", None)
     name = callspec.params.get("model_name", "") if callspec else ""
@@ -84,6 +93,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         in_suite = str(item.fspath).startswith(here)
         applicable = "visattn_" in item.nodeid and item.originalname not in NOT_APPLICABLE
+        if any(fnmatch.fnmatch(_model_of(item), p) for p in SR_MODELS) and item.originalname not in SR_APPLICABLE:
+            applicable = False
         (keep if not in_suite or applicable else drop).append(item)
         if in_suite and any(fnmatch.fnmatch(_model_of(item), p) for p in HEAVY_MODELS):
             item.add_marker(pytest.mark.slow)

@@ -54,3 +54,37 @@ class PixelShuffleUpsampler(nn.Sequential):
         for f in factors:
             layers += [nn.Conv2d(channels, f * f * channels, 3, padding=1), nn.PixelShuffle(f)]
         super().__init__(*layers)
+
+
+class RCAB(nn.Module):
+    """Residual channel-attention block of RCAN / HAN: ``x + CA(conv(relu(conv(x))))``.
+
+    Two 3x3 convs with bias and a :class:`ChannelAttention`. Input and output ``[B, channels, H, W]``.
+    The official RCAB takes a ``res_scale`` but never applies it (the scaling line is commented
+    out), so there is no residual scale here.
+    """
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.attn = ChannelAttention(channels, reduction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.conv2(self.act(self.conv1(x))))
+
+
+class ResidualGroup(nn.Module):
+    """RCAN residual group: ``num_blocks`` :class:`RCAB` then a 3x3 conv, with a skip over the whole group.
+
+    Input and output ``[B, channels, H, W]``.
+    """
+
+    def __init__(self, channels: int, reduction: int, num_blocks: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*[RCAB(channels, reduction) for _ in range(num_blocks)])
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(self.blocks(x))

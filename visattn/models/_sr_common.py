@@ -9,16 +9,20 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from visattn.models._common import check_image_batch
 
 __all__ = ["check_sr_input", "pad_to_multiple", "sr_cfg"]
 
 
+@torch.jit.ignore
 def check_sr_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
     """Raise a ValueError unless ``x`` is a floating ``[B, in_chans, H, W]`` batch."""
     check_image_batch(x, in_chans, model_name)
-    if not torch.jit.is_scripting() and not x.is_floating_point():
+    if is_fx_symbolic_tracing():  # shapes and dtypes are symbolic while torch.fx traces
+        return
+    if not x.is_floating_point():
         raise ValueError(f"{model_name} expects a floating-point image batch in [0, 1], got {x.dtype} "
                          f"(convert uint8 images with x.float() / 255, or use visattn.sr.upscale)")
 
