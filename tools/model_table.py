@@ -23,6 +23,8 @@ def _link_text(url: str, official: str) -> str:
 
 def _weights_cell(cfg) -> str:
     official = profile.official_name(cfg.to_dict())
+    if cfg.file:  # trained by visattn, shipped in the package
+        return f"`.{cfg.tag}` (visattn, scikit-image photos): bundled `visattn/weights/{cfg.file.rsplit('/', 1)[-1]}`"
     if not cfg.url:  # released on a share without stable links: the cfg notes name the file
         return f"`.{cfg.tag}` (`{official}`): no direct download (see `visattn info`)"
     return f"`.{cfg.tag}` (`{official}`): [{_link_text(cfg.url, official)}]({cfg.url})"

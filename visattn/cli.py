@@ -159,7 +159,9 @@ def _create_sr_model(name: str, weights: Optional[str]) -> Any:
         close = _close_matches(name, profile.list_visattn_models())
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         _fail(f"no model named {name!r}{hint} (`visattn list` shows the visattn models)")
-    if weights is None:
+    if weights is None and timm.models.get_pretrained_cfg(name).file:
+        model = timm.create_model(name, pretrained=True)  # weights bundled with visattn
+    elif weights is None:
         model = timm.create_model(name, pretrained=False)
         print(f"visattn: warning: no --weights given, {name} has random weights", file=sys.stderr)
     else:
@@ -357,8 +359,14 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _add_sr_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="NAME", help="registered SR model (timm name), e.g. an x4 model")
+# visattn upscale's default: PAN x4 with the weights visattn ships (trained on scikit-image photos).
+DEFAULT_UPSCALE_MODEL = "visattn_pan_x4.skimage"
+
+
+def _add_sr_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+    p.add_argument("--model", required=default_model is None, default=default_model, metavar="NAME",
+                   help="registered SR model (timm name[.tag]), e.g. an x4 model"
+                        + (f" (default: {default_model}, bundled weights)" if default_model else ""))
     p.add_argument("--weights", metavar="FILE",
                    help="checkpoint (visattn or official layout; .pth/.safetensors) loaded through the model's "
                         "checkpoint filter; without it the model has random weights")
@@ -411,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unreadable or unsupported files stop with exit status 2.")
     p.add_argument("inputs", nargs="+", metavar="IN", help="input images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (created if missing)")
-    _add_sr_model_arguments(p)
+    _add_sr_model_arguments(p, DEFAULT_UPSCALE_MODEL)
     p.set_defaults(func=_cmd_upscale)
 
     p = sub.add_parser("sr-eval", help="PSNR/SSIM (Y) of an SR model on a folder of HR images, vs bicubic",

@@ -3,6 +3,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
@@ -53,3 +54,15 @@ def trunk_intermediates(
         if i in take_indices:
             kept.append(tap(i, x))
     return x, kept, max_index == len(trunk) - 1 or not stop_early
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """The official NAT / BiFormer / HAT init (``model.apply``): trunc_normal(0.02) Linear weights,
+    zero biases, unit LayerNorm; convs keep torch's default."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

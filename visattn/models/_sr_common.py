@@ -5,15 +5,18 @@ Every visattn SR model takes RGB in **[0, 1]** ``[B, 3, H, W]`` of any size and 
 [0, 255] (RCAN, HAN, A2N) scale inside ``forward``. Each SR model has an ``upscale`` attribute
 (its scale factor), and its pretrained cfg carries ``mean=(0,0,0)``, ``std=(1,1,1)``, no classifier.
 """
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, unwrap_checkpoint
+from visattn.layers.pixel_attention import check_upsampler_stages, remap_keys
 from visattn.models._common import check_image_batch
 
-__all__ = ["check_sr_input", "pad_to_multiple", "sr_cfg"]
+__all__ = ["check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]
 
 
 @torch.jit.ignore
@@ -58,3 +61,22 @@ def sr_cfg(url: str = "", official: str = "", paper: str = "", scale: int = 4, l
     )
     cfg.update(kwargs)
     return cfg
+
+
+def convert_pixel_attention_checkpoint(state_dict: Mapping, model: nn.Module, official_prefix: str, own_marker: str,
+                                       rules: Sequence[Tuple[str, str]], family: str) -> Dict[str, torch.Tensor]:
+    """The checkpoint filter of the PAN-skeleton families (PAN, A2N): official keys (recognised by
+    ``official_prefix``) are renamed by ``rules``; visattn keys (a ``body.`` key containing
+    ``own_marker``) pass unchanged; anything else, another scale's upsampler or a state dict that
+    does not fit ``model`` exactly raises :class:`CheckpointMismatchError`.
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    if any(k.startswith(official_prefix) for k in state_dict):
+        state_dict = remap_keys(state_dict, rules)
+    elif not any(k.startswith("body.") and own_marker in k for k in state_dict):
+        raise CheckpointMismatchError(
+            f"expected a {family} checkpoint (official or visattn), this one looks like: "
+            f"{guess_family(state_dict) or 'unknown'} (first keys: {list(state_dict)[:3]})")
+    check_upsampler_stages(state_dict, "tail.", model.upscale, family)
+    check_state_dict(model, state_dict)
+    return state_dict

@@ -24,10 +24,9 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, register_official, unwrap_checkpoint
-from visattn.layers.pixel_attention import (OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv, PixelAttentionUpsampler,
-                                            check_upsampler_stages, remap_keys)
-from visattn.models._sr_common import check_sr_input, sr_cfg
+from visattn.convert import register_official
+from visattn.layers.pixel_attention import OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv, PixelAttentionUpsampler
+from visattn.models._sr_common import check_sr_input, convert_pixel_attention_checkpoint, sr_cfg
 
 __all__ = ["A2N", "AttentionInAttentionBlock"]
 
@@ -125,16 +124,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     Raises :class:`CheckpointMismatchError` for a checkpoint of another family, of another scale
     (x4 vs x2/x3), or one that does not fit ``model`` exactly (so nothing loads partially).
     """
-    state_dict = unwrap_checkpoint(state_dict)
-    if any(k.startswith("AAB_trunk.") for k in state_dict):
-        state_dict = remap_keys(state_dict, _RULES)
-    elif not any(k.startswith("body.") and ".branch_weights." in k for k in state_dict):
-        raise CheckpointMismatchError(
-            f"expected an A2N checkpoint (official or visattn), this one looks like: "
-            f"{guess_family(state_dict) or 'unknown'} (first keys: {list(state_dict)[:3]})")
-    check_upsampler_stages(state_dict, "tail.", model.upscale, "A2N")
-    check_state_dict(model, state_dict)
-    return state_dict
+    return convert_pixel_attention_checkpoint(state_dict, model, "AAB_trunk.", ".branch_weights.", _RULES, "A2N")
 
 
 def _official_depth(meta: Mapping) -> int:

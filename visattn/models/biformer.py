@@ -14,13 +14,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
 from visattn.layers import AttentionLePE, BiLevelRoutingAttention, NHWCTransformerBlock
-from visattn.models._common import check_image_batch, drop_path_schedule, trunk_intermediates
+from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 
 __all__ = ["BiFormer", "BiFormerDenseBackbone"]
 
@@ -79,16 +79,6 @@ def _trunk(in_chans: int, depths: Sequence[int], embed_dims: Sequence[int], qk_d
     return stem, nn.Sequential(*stages)
 
 
-def _init_weights(module: nn.Module) -> None:
-    # Official init: trunc_normal(0.02) Linear weights, zero biases, unit LayerNorm.
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
 
 class BiFormer(nn.Module):
     """BiFormer classifier. ``forward_features`` returns NCHW ``[B, C4, H/32, W/32]`` (after BatchNorm).
@@ -128,7 +118,7 @@ class BiFormer(nn.Module):
         self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(embed_dims)]
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head = ClassifierHead(embed_dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
@@ -211,7 +201,7 @@ class BiFormerDenseBackbone(nn.Module):
         self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
                                         mlp_ratios, side_dwconv, drop_path_rate, auto_pad)
         self.extra_norms = nn.ModuleList([LayerNorm2d(c, eps=1e-6) for c in embed_dims])
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         check_image_batch(x, self.in_chans, "BiFormerDenseBackbone")

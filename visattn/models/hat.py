@@ -32,7 +32,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from visattn.convert import (CheckpointMismatchError, check_state_dict, guess_family, register_official,
@@ -40,7 +40,7 @@ from visattn.convert import (CheckpointMismatchError, check_state_dict, guess_fa
 from visattn.layers.blocks import NHWCTransformerBlock
 from visattn.layers.sr import ChannelAttention, PixelShuffleUpsampler
 from visattn.layers.window_attention import OverlappingWindowAttention, WindowAttention
-from visattn.models._common import drop_path_schedule
+from visattn.models._common import drop_path_schedule, init_transformer_weights
 from visattn.models._sr_common import check_sr_input, pad_to_multiple, sr_cfg
 
 __all__ = ["HAT"]
@@ -101,16 +101,6 @@ class ResidualHybridAttentionGroup(nn.Module):
         y = self.overlap_attn(self.blocks(x))
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
-
-def _init_weights(module: nn.Module) -> None:
-    # Official init: trunc_normal(0.02) Linear weights, zero biases, unit LayerNorm (convs: torch default).
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 @register_notrace_function  # shape-dependent padding: torch.fx records one call (fx skips `_` names)
@@ -176,7 +166,7 @@ class HAT(nn.Module):
                                                   nn.LeakyReLU(inplace=True))
         self.upsample = PixelShuffleUpsampler(upscale, _NUM_FEAT)
         self.conv_last = nn.Conv2d(_NUM_FEAT, in_chans, 3, padding=1)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore

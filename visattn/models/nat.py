@@ -21,13 +21,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
-from visattn.models._common import check_image_batch, drop_path_schedule, trunk_intermediates
+from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 from visattn.layers import GlobalAttentionRPB, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
 
 __all__ = ["NAT", "NATIsotropic", "NATDenseBackbone"]
@@ -255,7 +255,7 @@ class NAT(_NHWCClassifier):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
@@ -354,7 +354,7 @@ class NATIsotropic(_NHWCClassifier):
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.norm = norm_layer(embed_dim)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
         self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
@@ -375,16 +375,6 @@ class NATIsotropic(_NHWCClassifier):
             x = self.blocks(x)
         return self.norm(x)
 
-
-def _init_weights(module: nn.Module) -> None:
-    # Official init: trunc_normal(0.02) Linear weights, zero biases, unit LayerNorm.
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,16 +14,16 @@ with ``conv1_a/conv1_b`` -> ``proj_a/proj_b``, ``k1.0`` -> ``conv_a``, ``PAConv.
 ``pa_conv.gate/conv/proj``, ``conv3`` -> ``fuse``; ``trunk_conv`` -> ``conv_body``; ``upconv{j}``,
 ``att{j}``, ``HRconv{j}`` -> ``tail.stages.{j-1}.conv/attn/refine``; ``conv_last`` -> ``tail.conv_last``.
 """
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, register_official, unwrap_checkpoint
-from visattn.layers.pixel_attention import (OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv, PixelAttentionUpsampler,
-                                            check_upsampler_stages, remap_keys)
-from visattn.models._sr_common import check_sr_input, sr_cfg
+from visattn.convert import register_official
+from visattn.layers.pixel_attention import OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv, PixelAttentionUpsampler
+from visattn.models._sr_common import check_sr_input, convert_pixel_attention_checkpoint, sr_cfg
 
 __all__ = ["PAN", "SCPABlock"]
 
@@ -115,16 +115,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     Raises :class:`CheckpointMismatchError` for a checkpoint of another family, of another scale
     (x4 vs x2/x3), or one that does not fit ``model`` exactly (so nothing loads partially).
     """
-    state_dict = unwrap_checkpoint(state_dict)
-    if any(k.startswith("SCPA_trunk.") for k in state_dict):
-        state_dict = remap_keys(state_dict, _RULES)
-    elif not any(k.startswith("body.") and ".pa_conv." in k for k in state_dict):
-        raise CheckpointMismatchError(
-            f"expected a PAN checkpoint (official or visattn), this one looks like: "
-            f"{guess_family(state_dict) or 'unknown'} (first keys: {list(state_dict)[:3]})")
-    check_upsampler_stages(state_dict, "tail.", model.upscale, "PAN")
-    check_state_dict(model, state_dict)
-    return state_dict
+    return convert_pixel_attention_checkpoint(state_dict, model, "SCPA_trunk.", ".pa_conv.", _RULES, "PAN")
 
 
 @register_official("codes/models/archs/PAN_arch.py::PAN")
@@ -155,7 +146,24 @@ def _cfg(scale: int) -> Dict:
     return cfg
 
 
-default_cfgs = generate_default_cfgs({f"visattn_pan_x{s}.df2k": _cfg(s) for s in (2, 3, 4)})
+# Weights trained by visattn itself (train/sr.py) on scikit-image's bundled photos, shipped in the
+# package so that an SR model works offline out of the box (held-out PSNR/SSIM in the README and
+# in the .json beside each file).
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+
+def _bundled_cfg(scale: int) -> Dict:
+    cfg = sr_cfg("", "", "arXiv:2010.01073", scale, "mit", "https://github.com/zhaohengyuan1/PAN",
+                 file=str(BUNDLED_WEIGHTS / f"pan_x{scale}_skimage.safetensors"))
+    cfg["notes"] += (f"bundled with visattn: trained by train/sr.py on scikit-image photos "
+                     f"(visattn/weights/pan_x{scale}_skimage.json has the command and held-out scores)",)
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({
+    **{f"visattn_pan_x{s}.df2k": _cfg(s) for s in (2, 3, 4)},
+    **{f"visattn_pan_x{s}.skimage": _bundled_cfg(s) for s in (2, 4)},
+})
 
 
 @register_model
