@@ -5,18 +5,19 @@ Every visattn SR model takes RGB in **[0, 1]** ``[B, 3, H, W]`` of any size and 
 [0, 255] (RCAN, HAN, A2N) scale inside ``forward``. Each SR model has an ``upscale`` attribute
 (its scale factor), and its pretrained cfg carries ``mean=(0,0,0)``, ``std=(1,1,1)``, no classifier.
 """
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import checkpoint_seq
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, unwrap_checkpoint
-from visattn.layers.pixel_attention import check_upsampler_stages, remap_keys
+from visattn.layers.pixel_attention import PixelAttentionUpsampler, check_upsampler_stages, remap_keys
 from visattn.models._common import check_image_batch
 
-__all__ = ["check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]
+__all__ = ["PixelAttentionNet", "check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]
 
 
 @torch.jit.ignore
@@ -80,3 +81,45 @@ def convert_pixel_attention_checkpoint(state_dict: Mapping, model: nn.Module, of
     check_upsampler_stages(state_dict, "tail.", model.upscale, family)
     check_state_dict(model, state_dict)
     return state_dict
+
+
+class PixelAttentionNet(nn.Module):
+    """The PAN skeleton that PAN and A2N share: a 3x3 conv, ``depth`` blocks from ``block(dim)``
+    and a 3x3 conv with a long residual, then the pixel-attention upsampling tail plus the bilinear
+    input skip (:class:`~visattn.layers.pixel_attention.PixelAttentionUpsampler`).
+
+    ``[B, in_chans, H, W]`` in [0, 1] -> ``[B, in_chans, sH, sW]`` in [0, 1] (not clamped);
+    ``rgb_range`` is the range the official weights were trained on (the input is scaled to it and
+    the output back).
+    """
+
+    def __init__(self, model_name: str, block: Callable[[int], nn.Module], upscale: int, in_chans: int,
+                 embed_dim: int, upsample_dim: int, depth: int, num_classes: int, rgb_range: float,
+                 device: Optional[torch.device], dtype: Optional[torch.dtype]):
+        super().__init__()
+        if num_classes != 0:
+            raise ValueError(f"{model_name} is a super-resolution model without a classifier; got num_classes={num_classes}")
+        self.model_name = model_name
+        self.upscale, self.in_chans, self.rgb_range = upscale, in_chans, rgb_range
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, padding=1)
+        self.body = nn.Sequential(*[block(embed_dim) for _ in range(depth)])
+        self.conv_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+        self.tail = PixelAttentionUpsampler(upscale, embed_dim, upsample_dim, in_chans)
+        self.grad_checkpointing = False
+        self.to(device=device, dtype=dtype)  # official init: PyTorch's defaults
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_sr_input(x, self.in_chans, self.model_name)
+        if self.rgb_range != 1.0:
+            x = x * self.rgb_range
+        feat = self.conv_first(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            body = checkpoint_seq(self.body, feat)
+        else:
+            body = self.body(feat)
+        out = self.tail(feat + self.conv_body(body), x)
+        return out / self.rgb_range if self.rgb_range != 1.0 else out

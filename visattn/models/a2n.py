@@ -22,11 +22,11 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from visattn.convert import register_official
-from visattn.layers.pixel_attention import OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv, PixelAttentionUpsampler
-from visattn.models._sr_common import check_sr_input, convert_pixel_attention_checkpoint, sr_cfg
+from visattn.layers.pixel_attention import OFFICIAL_UPSAMPLER_RULES, PixelAttentionConv
+from visattn.models._sr_common import PixelAttentionNet, convert_pixel_attention_checkpoint, sr_cfg
 
 __all__ = ["A2N", "AttentionInAttentionBlock"]
 
@@ -57,7 +57,7 @@ class AttentionInAttentionBlock(nn.Module):
         return x + self.proj_out(self.act(y))
 
 
-class A2N(nn.Module):
+class A2N(PixelAttentionNet):
     """A2N super-resolution network: ``[B, in_chans, H, W]`` in [0, 1] -> ``[B, in_chans, sH, sW]``
     in [0, 1] (not clamped), ``s = upscale``.
 
@@ -73,31 +73,9 @@ class A2N(nn.Module):
     def __init__(self, upscale: int = 4, in_chans: int = 3, embed_dim: int = 40, upsample_dim: int = 24,
                  depth: int = 16, num_classes: int = 0, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        if num_classes != 0:
-            raise ValueError(f"A2N is a super-resolution model without a classifier; got num_classes={num_classes}")
-        self.upscale, self.in_chans = upscale, in_chans
-        self.rgb_range = 255.0  # the official weights were trained on [0, 255] images (EDSR's rgb_range)
-        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, padding=1)
-        self.body = nn.Sequential(*[AttentionInAttentionBlock(embed_dim) for _ in range(depth)])
-        self.conv_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
-        self.tail = PixelAttentionUpsampler(upscale, embed_dim, upsample_dim, in_chans)
-        self.grad_checkpointing = False
-        self.to(device=device, dtype=dtype)  # official init: PyTorch's defaults
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_sr_input(x, self.in_chans, "A2N")
-        x = x * self.rgb_range
-        feat = self.conv_first(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            body = checkpoint_seq(self.body, feat)
-        else:
-            body = self.body(feat)
-        return self.tail(feat + self.conv_body(body), x) / self.rgb_range
+        # The official weights were trained on [0, 255] images (EDSR's rgb_range).
+        super().__init__("A2N", AttentionInAttentionBlock, upscale, in_chans, embed_dim, upsample_dim, depth,
+                         num_classes, rgb_range=255.0, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
