@@ -10,6 +10,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.models import checkpoint_seq
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
@@ -31,6 +32,7 @@ def check_sr_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
                          f"(convert uint8 images with x.float() / 255, or use visattn.sr.upscale)")
 
 
+@register_notrace_function  # shape-dependent padding: torch.fx records it as one call
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Reflect-pad ``[B, C, H, W]`` right/bottom to multiples of ``multiple`` (HAT's test-time padding).
 

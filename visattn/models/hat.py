@@ -32,7 +32,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple
+from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from visattn.convert import (CheckpointMismatchError, check_state_dict, guess_family, register_official,
@@ -100,14 +100,6 @@ class ResidualHybridAttentionGroup(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.overlap_attn(self.blocks(x))
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
-
-
-
-@register_notrace_function  # shape-dependent padding: torch.fx records one call (fx skips `_` names)
-def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """The official test-time padding (``hat_model.py``): ``[B, C, H, W]`` reflect-padded right/bottom
-    to multiples of ``window_size``."""
-    return pad_to_multiple(x, window_size)
 
 
 class HAT(nn.Module):
@@ -198,7 +190,7 @@ class HAT(nn.Module):
         """``[B, in_chans, H, W]`` in [0, 1] -> ``[B, in_chans, upscale*H, upscale*W]``."""
         check_sr_input(x, self.in_chans, "HAT")
         H, W = x.shape[-2:]
-        x = pad_to_window(x, self.window_size)
+        x = pad_to_multiple(x, self.window_size)  # the official test-time padding (hat_model.py)
         x = (x - self.mean) * self.img_range
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
