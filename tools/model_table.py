@@ -12,6 +12,7 @@ PAPERS = {
     "arXiv:2008.08767": "[HAN](https://arxiv.org/abs/2008.08767)",
     "arXiv:2010.01073": "[PAN](https://arxiv.org/abs/2010.01073)",
     "arXiv:2104.09497": "[A2N](https://arxiv.org/abs/2104.09497)",
+    "arXiv:2303.14324": "[TCSR](https://arxiv.org/abs/2303.14324)",
 }
 
 
@@ -23,6 +24,8 @@ def _link_text(url: str, official: str) -> str:
 
 def _weights_cell(cfg) -> str:
     official = profile.official_name(cfg.to_dict())
+    if cfg.tag is None:  # an architecture without any released weights
+        return "none released (train with `train/sr.py`)"
     if cfg.file:  # trained by visattn, shipped in the package
         return f"`.{cfg.tag}` (visattn, scikit-image photos): bundled `visattn/weights/{cfg.file.rsplit('/', 1)[-1]}`"
     if not cfg.url:  # released on a share without stable links: the cfg notes name the file

@@ -75,10 +75,12 @@ HEAVY_MODELS = [
 # Super-resolution models map images to images: timm's classifier contract (num_classes,
 # forward_features / pooled heads, reset_classifier, feature_info) does not apply to them, so only
 # timm's forward / fx / torchscript tests run on them; tests/test_sr_*.py cover the rest.
-SR_MODELS = ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*", "visattn_pan_*", "visattn_a2n_*"]
+SR_MODELS = ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*", "visattn_pan_*", "visattn_a2n_*", "visattn_tcsr_*"]
 SR_APPLICABLE = {"test_model_forward", "test_model_forward_fx", "test_model_forward_torchscript"}
-# The full-size SR bodies (RCAN / HAN: 200 conv blocks, HAT) take 10-25 s per forward test on 2 cores.
-HEAVY_MODELS += ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*"]
+# The full-size SR bodies (RCAN / HAN: 200 conv blocks, HAT) take 10-25 s per forward test on 2 cores;
+# TCSR's neighborhood attention runs the reference backend on CPU (5-9 s a test): CI keeps TCSR-B x4.
+HEAVY_MODELS += ["visattn_rcan_*", "visattn_han_*", "visattn_hat_*", "visattn_tcsr_l_*", "visattn_tcsr_b_x2",
+                 "visattn_tcsr_b_x3"]
 
 
 def _model_of(item):

@@ -12,8 +12,9 @@ class NHWCTransformerBlock(nn.Module):
 
     ``x = x + drop_path(ls1(attn(norm1(x))))``; ``x = x + drop_path(ls2(mlp(norm2(x))))``.
 
-    ``attn`` is any module mapping ``[B, H, W, C]`` to itself. ``layer_scale`` (an init value)
-    enables the per-channel ``ls1.gamma`` / ``ls2.gamma`` scales.
+    ``attn`` is any module mapping ``[B, H, W, C]`` to itself; ``mlp_layer`` builds the MLP as
+    ``mlp_layer(dim, hidden, act_layer=..., drop=...)`` (timm's ``Mlp`` by default). ``layer_scale``
+    (an init value) enables the per-channel ``ls1.gamma`` / ``ls2.gamma`` scales.
     """
 
     def __init__(
@@ -26,6 +27,7 @@ class NHWCTransformerBlock(nn.Module):
         proj_drop: float = 0.0,
         act_layer: Type[nn.Module] = nn.GELU,
         norm_layer: Type[nn.Module] = nn.LayerNorm,
+        mlp_layer: Type[nn.Module] = Mlp,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -33,7 +35,7 @@ class NHWCTransformerBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
