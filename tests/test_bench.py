@@ -1,11 +1,19 @@
-"""The benchmark harness: its flex_attention competitor computes the same op, and the commands
-refuse clearly without CUDA (the timings themselves run on the GPU machine)."""
+"""The benchmark harness: its flex_attention competitor computes the same op, the official HAT
+port of the SR benchmark reproduces the official output and visattn's HAT, and the commands refuse
+clearly without CUDA (the timings themselves run on the GPU machine)."""
+import hashlib
+
 import pytest
+import timm
 import torch
 
+import visattn.models.hat  # noqa: F401  (registers the HAT models)
+from visattn.bench.hat_official_port import OfficialHATPort, hyperparameters_of, official_state_dict
 from visattn.bench.na import SHAPES, NAShape, flex_mods
 from visattn.cli import main
 from visattn.kernels import na2d
+from visattn.models.hat import HAT, checkpoint_filter_fn
+from golden_data import load_golden, load_manifest
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -35,8 +43,82 @@ def test_issue_shapes_are_benchmarked():
     assert {"nat-t-s1", "dinat-t-s1-d8", "nat-t-s3", "dinat-l384-s1", "k13-128-d64", "hat-window16"} <= names
 
 
+# The golden's reduced HAT (window 16, OCAB window 24) as HAT / OfficialHATPort arguments.
+SMALL_HAT = dict(upscale=2, embed_dim=24, depths=(2, 2), num_heads=(2, 2), window_size=16, compress_ratio=3,
+                 squeeze_factor=6, mlp_ratio=2.0)
+
+
+def test_official_port_reproduces_the_official_golden():
+    """Loaded with the official state dict, the port gives the official code's output; the index
+    buffers it computes are the official bytes."""
+    meta, sd, io = load_golden("hat")
+    port = OfficialHATPort(**SMALL_HAT).eval()
+    for key, entry in meta["omitted_state_dict_entries"].items():
+        assert hashlib.sha256(getattr(port, key).numpy().tobytes()).hexdigest() == entry["sha256_of_raw_bytes"]
+    port.load_state_dict({**sd, "relative_position_index_SA": port.relative_position_index_SA,
+                          "relative_position_index_OCA": port.relative_position_index_OCA})
+    with torch.no_grad():
+        out = port(io["input"])
+    torch.testing.assert_close(out, io["output"], rtol=0, atol=meta["recommended_atol"])
+
+
+def _small_hat_and_port():
+    """A float64 small HAT with every weight re-drawn (so rpb, CAB and OCAB all weigh in) and its port."""
+    model = HAT(**SMALL_HAT).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model, OfficialHATPort.from_visattn(model)
+
+
+def test_official_port_matches_visattn_hat():
+    """32x40 pads to 32x48: 2x3 windows of 16, shifted blocks with the region mask, OCAB windows of
+    24 reaching into the zero padding; float64, so any algorithmic difference shows."""
+    model, port = _small_hat_and_port()
+    x = torch.rand(1, 3, 32, 40, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model(x), port(x)
+    assert out.shape == (1, 3, 64, 80)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    # The official converter reads the port's layout back into exactly visattn's weights.
+    back = checkpoint_filter_fn(port.state_dict(), model)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key", ["layers.1.residual_group.blocks.1.attn.relative_position_bias_table",
+                                 "layers.0.residual_group.overlap_attn.relative_position_bias_table"],
+                         ids=["shifted-window", "ocab"])
+def test_official_port_reads_its_own_tables(key):
+    """Changing one row of an official table (for OCAB, the row its most negative index wraps
+    around to) moves the port's output away from visattn's; visattn given the same official
+    weights through its checkpoint converter agrees again."""
+    model, port = _small_hat_and_port()
+    x = torch.rand(1, 3, 32, 40, dtype=torch.float64)
+    index = port.relative_position_index_OCA if "overlap" in key else port.relative_position_index_SA
+    sd = port.state_dict()
+    table = sd[key]
+    table[int(index.min()) % table.shape[0]] += 3.0  # in place: the port's own parameter
+    with torch.no_grad():
+        before, out = model(x), port(x)
+        assert (out - before).abs().max() > 1e-8
+        model.load_state_dict(checkpoint_filter_fn(sd, model))
+        torch.testing.assert_close(out, model(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name, official", [("visattn_hat_s_x4", "HAT-S_SRx4"), ("visattn_hat_x4", "HAT_SRx4")])
+def test_official_port_layout_of_benchmarked_models(name, official):
+    """For the two benchmarked models, the port built from the visattn model's hyper-parameters has
+    exactly the official state dict (keys in order, shapes), and so has the converted visattn one."""
+    expected = [(k, list(shape)) for k, shape in load_manifest(official)["state_dict"]]
+    with torch.device("meta"):
+        model = timm.create_model(name)
+        port = OfficialHATPort(**hyperparameters_of(model))
+    assert [(k, list(v.shape)) for k, v in port.state_dict().items()] == expected
+    assert sorted((k, list(v.shape)) for k, v in official_state_dict(model).items()) == sorted(expected)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-@pytest.mark.parametrize("which", ["na", "routed", "model"])
+@pytest.mark.parametrize("which", ["na", "routed", "model", "sr"])
 def test_bench_without_cuda_says_why(which):
     with pytest.raises(SystemExit, match="need a CUDA device"):
         main(["bench", which])

@@ -131,3 +131,77 @@ def test_triton_routed_matches_fp64_reference(Rq, T, topk, heads, dtype):
     for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
         rel = ((g.double() - w).norm() / w.norm()).item()
         assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_upscale_autocast_on_cuda(dtype):
+    """visattn.sr.upscale under fp16 / bf16 autocast on CUDA: close to the fp32 run, tiled or not,
+    uint8 in and out, and the model's own parameters stay fp32."""
+    import numpy as np
+    import skimage.data
+
+    from visattn.sr import upscale
+
+    model = timm.create_model("visattn_pan_x4.skimage", pretrained=True).cuda()
+    image = skimage.data.astronaut()[:96, :120]
+    fp32 = upscale(image, model, progress=False).astype(np.float64)
+    for tile in (None, 64):
+        half = upscale(image, model, tile=tile, tile_overlap=16, dtype=dtype, progress=False)
+        assert half.dtype == np.uint8 and half.shape == (384, 480, 3)
+        err = np.abs(half.astype(np.float64) - fp32)
+        assert err.mean() < 0.5 and err.max() <= 12, (tile, err.mean(), err.max())
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_tcsr_triton_training_step_matches_reference():
+    """TCSR-B on CUDA: the Triton NA backend's forward and parameter gradients equal the reference
+    backend's (fp32), so the SR model trains on the fused kernels."""
+    torch.manual_seed(0)
+    model = timm.create_model("visattn_tcsr_b_x2").cuda()
+    x = torch.rand(2, 3, 37, 45, device="cuda")
+    results = []
+    for backend in ("reference", "triton"):
+        for m in model.modules():
+            if isinstance(m, visattn.layers.NeighborhoodAttention2d):
+                m.backend = backend
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_out, ref_grads), (tri_out, tri_grads) = results
+    torch.testing.assert_close(tri_out, ref_out, rtol=1e-4, atol=1e-4)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(tri_grads[n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_window_attention_pads_odd_head_sizes_on_cuda(shift):
+    """HAT's head size 30 is padded to 32 for SDPA's fused kernels on CUDA: same result as the
+    unpadded float64 computation on CPU, for shifted, unshifted and overlapping windows."""
+    from visattn.layers.window_attention import OverlappingWindowAttention, WindowAttention
+
+    torch.manual_seed(0)
+    for layer in (WindowAttention(60, 2, 8, shift), OverlappingWindowAttention(60, 2, 8)):
+        x = torch.randn(2, 24, 16, 60)
+        expected = layer.double()(x.double())
+        got = layer.float().cuda()(x.cuda())
+        torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hat_golden_on_cuda_with_the_inference_kernels():
+    """The HAT golden on CUDA under no_grad, where the Triton LayerNorm, the padded CAB convs and
+    SDPA's fused kernels run; and the LayerNorm kernel in bf16 under autocast (fp32 out)."""
+    meta, sd, io = load_golden("hat")
+    model = visattn.from_official(meta, sd).cuda()
+    with torch.no_grad():
+        out = model(io["input"].cuda())
+    torch.testing.assert_close(out.cpu(), io["output"], rtol=0, atol=meta["recommended_atol"])
+    from visattn.kernels.layer_norm import layer_norm
+
+    x = torch.randn(3000, 180, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(180, device="cuda"), torch.randn(180, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer_norm(x, w, b)
+        expected = torch.nn.functional.layer_norm(x, (180,), w, b)
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -251,6 +251,36 @@ def test_unshifted_window_attention_equals_na2d():
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("windows", [(1, 1), (1, 3), (3, 1), (2, 3)])
+def test_shifted_window_attention_brute_force(windows):
+    """Shifted windows against explicit attention on the rolled map: each query attends to its
+    window with the rpb, and -100 (Swin's mask) for tokens that wrapped around from another region."""
+    ws, shift = 4, 2
+    layer = WindowAttention(8, 2, ws, shift).double()
+    H, W = windows[0] * ws, windows[1] * ws
+    x = torch.randn(1, H, W, 8, dtype=torch.float64)
+    rolled = torch.roll(x, (-shift, -shift), (1, 2))
+    q, k, v = layer.qkv(rolled).view(1, H, W, 3, 2, 4).unbind(3)
+
+    def region(i, size):
+        return 0 if i < size - ws else (1 if i < size - shift else 2)
+
+    expected = torch.zeros(H, W, 2, 4, dtype=torch.float64)
+    for y in range(H):
+        for x_ in range(W):
+            y0, x0 = y // ws * ws, x_ // ws * ws
+            logits, values = [], []
+            for ky in range(y0, y0 + ws):
+                for kx in range(x0, x0 + ws):
+                    same = (region(ky, H), region(kx, W)) == (region(y, H), region(x_, W))
+                    logits.append((q[0, y, x_] * k[0, ky, kx]).sum(-1) * layer.scale
+                                  + layer.rpb[:, ky - y + ws - 1, kx - x_ + ws - 1] + (0.0 if same else -100.0))
+                    values.append(v[0, ky, kx])
+            expected[y, x_] = (torch.stack(logits).softmax(0)[..., None] * torch.stack(values)).sum(0)
+    expected = torch.roll(layer.proj(expected.reshape(1, H, W, 8)), (shift, shift), (1, 2))
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
 def test_overlapping_attention_brute_force():
     """OCAB against attention over explicit key lists: each query window attends to the o x o
     window centred on it (zero keys/values beyond the border), bias by (key - query) offset."""
@@ -277,3 +307,21 @@ def test_overlapping_attention_brute_force():
 def test_layers_reject_sizes_off_the_window(layer):
     with pytest.raises(ValueError, match="multiples of the window 4"):
         layer(torch.randn(1, 6, 8, 8))
+
+
+@pytest.mark.parametrize("layer", [WindowAttention(8, 2, 4, 2), OverlappingWindowAttention(8, 2, 4)])
+def test_inference_bias_cache_follows_the_table(layer):
+    """The expanded bias kept between no-grad calls is rebuilt when the table changes in place
+    (as load_state_dict does), and training calls still give the table a gradient."""
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        before = layer(x)
+        noise = torch.randn_like(layer.rpb)
+        layer.rpb.add_(noise)
+        after = layer(x)
+        layer.rpb.sub_(noise)
+        again = layer(x)
+    assert (before - after).abs().max() > 1e-3
+    torch.testing.assert_close(again, before)
+    layer(x).sum().backward()
+    assert layer.rpb.grad is not None and layer.rpb.grad.abs().sum() > 0

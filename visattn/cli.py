@@ -116,9 +116,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the benchmarks pull in triton and (for plots) matplotlib.
-    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed
+    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed, sr as bench_sr
 
-    return {"na": bench_na, "routed": bench_routed, "model": bench_model}[args.bench].main(args)
+    return {"na": bench_na, "routed": bench_routed, "model": bench_model, "sr": bench_sr}[args.bench].main(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def _check_sr_tiling(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``visattn`` argument parser: ``list``, ``info``, ``demo``, ``bench``, ``upscale`` and ``sr-eval``."""
-    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed
+    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed, sr as bench_sr
 
     parser = argparse.ArgumentParser(prog="visattn", description="visattn: timm-compatible attention vision models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,info,demo,bench,upscale,sr-eval}")
@@ -404,11 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="GPU benchmarks: kernels against their alternatives, whole-model training")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,routed,model}")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,routed,model,sr}")
     for name, module, help_text in (
         ("na", bench_na, "neighborhood attention: Triton vs flex_attention, natten, reference, dense SDPA"),
         ("routed", bench_routed, "bi-level routing attention: Triton routed kernels vs the official gather"),
         ("model", bench_model, "training throughput: visattn models on each backend vs timm's Swin"),
+        ("sr", bench_sr, "super-resolution: HAT-S forward vs a faithful port of the official code; "
+                         "tiled 2048² HAT x4 memory"),
     ):
         module.add_arguments(bench.add_parser(name, help=help_text, description=module.__doc__))
     p.set_defaults(func=_cmd_bench)

@@ -10,7 +10,19 @@ and the overlapping windows have more keys than queries, so SDPA serves all thre
 code path (on CUDA its memory-efficient kernel takes the additive mask, so the attention matrix is
 never stored). For unshifted windows the result equals
 ``na2d(q, k, v, kernel_size=window, stride=window, rpb=rpb)`` with the same ``rpb`` tensor.
+
+Two things keep SDPA on its fused kernels and off the full ``windows x heads x N x N`` tensors:
+the bias is one ``[heads, N, N]`` tensor broadcast over the windows (kept between inference
+calls), and Swin's region mask, which
+is zero except in the last row and column of windows, is applied by re-running only those windows
+(:func:`shifted_window_mask` of a 2x2-window map gives their three mask patterns); head sizes
+that are not a multiple of 8 (HAT: 180 / 6 = 30) are zero-padded to one for the call, since the
+fused kernels take only those and would otherwise fall back to materialising the attention.
 """
+import functools
+import weakref
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,6 +73,59 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int, dtype:
     return torch.zeros(different.shape, dtype=dtype, device=device).masked_fill_(different, -100.0)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA with an additive ``bias``, head size zero-padded to a multiple of 8 where needed
+    (zero columns change neither ``q . k`` nor the first ``D`` output columns)."""
+    D = q.shape[-1]
+    pad = (-D) % 8
+    if pad and q.is_cuda:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out[..., :D] if pad and q.is_cuda else out
+
+
+@torch.jit.ignore  # TorchScript would hand it dtypes as ints: it takes the tensor whose dtype / device it wants
+def _border_windows(nh: int, nw: int, window: int, shift: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_border_window_masks` in the dtype and on the device of ``like``."""
+    return _border_window_masks(nh, nw, window, shift, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _border_window_masks(nh: int, nw: int, window: int, shift: int, dtype: torch.dtype,
+                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the windows in the last window row or column (row-major) and their Swin masks
+    ``[len(ids), N, N]``: every last-column, last-row and corner window has the mask of that window
+    of :func:`shifted_window_mask` on a 2x2-window map.
+
+    Cached per grid, dtype and device: building them on a GPU takes a host sync (the copy of the
+    ids from host memory) and a dozen launches, at every shifted block otherwise."""
+    ids = [i * nw + j for i in range(nh) for j in range(nw) if i == nh - 1 or j == nw - 1]
+    pattern = torch.tensor([2 * (i // nw == nh - 1) + (i % nw == nw - 1) for i in ids], device=device)
+    masks = shifted_window_mask(2 * window, 2 * window, window, shift, dtype, device)[pattern]
+    return torch.tensor(ids, device=device), masks
+
+
+# id(rpb) -> (weak reference to rpb, (its version, pointer, dtype), its expanded bias). Keyed by id:
+# a tensor's == is elementwise, so tensors cannot key a (weak) dict.
+_BIAS_CACHE: dict = {}
+
+
+@torch.jit.ignore
+def _cached_bias(rpb: torch.Tensor, query_window: int, like: torch.Tensor) -> torch.Tensor:
+    """``window_relative_bias(rpb, query_window)`` in the dtype of ``like``; kept between calls when
+    no gradient is recorded (inference), recomputed whenever the table changes (its version)."""
+    dtype = like.dtype
+    if torch.is_grad_enabled() and rpb.requires_grad:
+        return window_relative_bias(rpb, query_window).to(dtype)
+    key = (rpb._version, rpb.data_ptr(), dtype)
+    cached = _BIAS_CACHE.get(id(rpb))
+    if cached is None or cached[0]() is not rpb or cached[1] != key:
+        for k in [k for k, (ref, _, _) in _BIAS_CACHE.items() if ref() is None]:
+            del _BIAS_CACHE[k]  # tables of deleted layers
+        cached = _BIAS_CACHE[id(rpb)] = (weakref.ref(rpb), key, window_relative_bias(rpb, query_window).to(dtype))
+    return cached[2]
+
+
 def _check_windows(name: str, height: int, width: int, window: int) -> None:
     if height % window or width % window:
         raise ValueError(f"{name} needs H and W to be multiples of the window {window}, got {height}x{width} "
@@ -107,16 +172,16 @@ class WindowAttention(nn.Module):
         # qkv is per token, so it can run before the windows are cut: [3, B, windows, heads, N, D].
         qkv = self.qkv(x).view(B, nh, ws, nw, ws, 3, heads, self.head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
         q, k, v = qkv.reshape(3, B, nh * nw, heads, ws * ws, self.head_dim).unbind(0)
-        bias = window_relative_bias(self.rpb, ws)  # [heads, N, N]
+        bias = _cached_bias(self.rpb, ws, q)  # [heads, N, N]
+        out = _attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), bias, self.scale)
+        out = out.view(B, nh * nw, heads, ws * ws, self.head_dim)
         if shift:
-            # One mask per window: windows ride along the head axis so the mask broadcasts over B.
-            mask = shifted_window_mask(H, W, ws, shift, bias.dtype, bias.device)
-            attn_mask = (bias + mask.unsqueeze(1)).flatten(0, 1)  # [windows * heads, N, N]
-            q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)
-        else:
-            attn_mask = bias
-            q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), scale=self.scale)
+            # Only the last window row and column hold wrapped-around tokens: redo those windows
+            # with the region mask (windows ride along the head axis so it broadcasts over B).
+            ids, masks = _border_windows(nh, nw, ws, shift, q)
+            border = _attention(q[:, ids].flatten(1, 2), k[:, ids].flatten(1, 2), v[:, ids].flatten(1, 2),
+                                (bias + masks.unsqueeze(1)).flatten(0, 1), self.scale)
+            out = out.index_copy(1, ids, border.view(B, ids.numel(), heads, ws * ws, self.head_dim))
         out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
         out = self.proj(out)
         if shift:
@@ -172,7 +237,7 @@ class OverlappingWindowAttention(nn.Module):
         kv = F.pad(qkv[:, :, :, 1:], (0, 0, 0, 0, 0, 0, pad, pad, pad, pad))  # zero-pad H and W
         kv = kv.unfold(1, os_, ws).unfold(2, os_, ws)  # [B, nh, nw, 2, heads, D, o, o]
         k, v = kv.permute(3, 0, 1, 2, 4, 6, 7, 5).reshape(2, B * nh * nw, heads, os_ * os_, D).unbind(0)
-        bias = window_relative_bias(self.rpb, ws)  # [heads, w*w, o*o]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        bias = _cached_bias(self.rpb, ws, q)  # [heads, w*w, o*o]
+        out = _attention(q, k, v, bias, self.scale)
         out = out.view(B, nh, nw, heads, ws, ws, D).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
         return self.proj(out)

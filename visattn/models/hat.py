@@ -38,7 +38,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from visattn.convert import (CheckpointMismatchError, check_state_dict, guess_family, register_official,
                              unwrap_checkpoint)
 from visattn.layers.blocks import NHWCTransformerBlock
-from visattn.layers.sr import ChannelAttention, PixelShuffleUpsampler
+from visattn.layers.norm import LayerNorm
+from visattn.layers.sr import ChannelAttentionConvBlock, PixelShuffleUpsampler
 from visattn.layers.window_attention import OverlappingWindowAttention, WindowAttention
 from visattn.models._common import drop_path_schedule, init_transformer_weights
 from visattn.models._sr_common import check_sr_input, pad_to_multiple, sr_cfg
@@ -60,22 +61,20 @@ class HybridAttentionBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, compress_ratio: int,
                  squeeze_factor: int, conv_scale: float, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size, shift_size, qkv_bias)
         hidden = dim // compress_ratio
-        self.conv_block = nn.Sequential(
-            nn.Conv2d(dim, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, dim, 3, padding=1),
-            ChannelAttention(dim, squeeze_factor),
-        )
+        self.conv_block = ChannelAttentionConvBlock(dim, hidden, squeeze_factor)
         self.conv_scale = conv_scale
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
         conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(y)) + self.conv_scale * conv
+        # add_ with alpha: one fused kernel for the scaled branch (the sum is a fresh tensor).
+        x = (x + self.drop_path(self.attn(y))).add_(conv, alpha=self.conv_scale)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -94,7 +93,8 @@ class ResidualHybridAttentionGroup(nn.Module):
             for i in range(depth)
         ])
         self.overlap_attn = NHWCTransformerBlock(
-            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio)
+            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio,
+            norm_layer=LayerNorm)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class HAT(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, padding=1)
-        self.embed_norm = nn.LayerNorm(embed_dim)
+        self.embed_norm = LayerNorm(embed_dim)
         rates = drop_path_schedule(drop_path_rate, sum(depths))
         self.groups = nn.Sequential(*[
             ResidualHybridAttentionGroup(embed_dim, depth, heads, window_size, compress_ratio, squeeze_factor,
@@ -152,7 +152,7 @@ class HAT(nn.Module):
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         ])
         self.overlap_size = self.groups[0].overlap_attn.attn.overlap_size
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, padding=1),
                                                   nn.LeakyReLU(inplace=True))

@@ -141,7 +141,7 @@ def _bundled_cfg(scale: int) -> Dict:
 
 default_cfgs = generate_default_cfgs({
     **{f"visattn_pan_x{s}.df2k": _cfg(s) for s in (2, 3, 4)},
-    "visattn_pan_x4.skimage": _bundled_cfg(4),
+    **{f"visattn_pan_x{s}.skimage": _bundled_cfg(s) for s in (2, 4)},
 })
 
 

@@ -30,6 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from visattn.convert import check_state_dict, unwrap_checkpoint
 from visattn.layers.blocks import NHWCTransformerBlock
 from visattn.layers.neighborhood_attention import NeighborhoodAttention2d
+from visattn.layers.norm import LayerNorm
 from visattn.layers.spatial_shift import ShiftMlp
 from visattn.models._common import drop_path_schedule, init_transformer_weights
 from visattn.models._sr_common import check_sr_input, sr_cfg
@@ -47,7 +48,7 @@ class TCSRGroup(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(*[
             NHWCTransformerBlock(dim, NeighborhoodAttention2d(dim, num_heads, kernel_size, backend=backend),
-                                 mlp_ratio, drop_path=drop_path[i], mlp_layer=ShiftMlp)
+                                 mlp_ratio, drop_path=drop_path[i], norm_layer=LayerNorm, mlp_layer=ShiftMlp)
             for i in range(depth)
         ])
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
@@ -109,7 +110,7 @@ class TCSR(nn.Module):
                       rates[sum(depths[:i]):sum(depths[:i + 1])], backend)
             for i, (depth, heads) in enumerate(zip(depths, num_heads))
         ])
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
         self.upsample = nn.Sequential(nn.Conv2d(embed_dim, in_chans * upscale ** 2, 3, padding=1),
                                       nn.PixelShuffle(upscale))

@@ -1,0 +1,60 @@
+"""visattn.kernels.layer_norm: the Triton forward (CPU interpreter) against F.layer_norm on ragged
+row counts and widths, the dispatcher's choices, and the LayerNorm module (keys, TorchScript)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from visattn.kernels.layer_norm import layer_norm
+from visattn.layers import LayerNorm
+
+
+@pytest.mark.parametrize("shape", [(37, 60), (1, 3, 5, 144), (2, 7, 180), (5, 1), (3, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_triton_matches_torch(shape, dtype, affine):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    C = shape[-1]
+    w = torch.randn(C).to(dtype) if affine else None
+    b = torch.randn(C).to(dtype) if affine else None
+    out = layer_norm(x, w, b, 1e-6, backend="triton")
+    expected = F.layer_norm(x.float(), (C,), None if w is None else w.float(), None if b is None else b.float(), 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+def test_triton_reads_strided_rows():
+    x = torch.randn(6, 10, 48)[:, ::2, 8:40]  # rows 32 wide, not contiguous
+    w, b = torch.randn(32), torch.randn(32)
+    torch.testing.assert_close(layer_norm(x, w, b, backend="triton"), F.layer_norm(x, (32,), w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_and_bad_input():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    # CPU tensors, or anything needing gradients, take F.layer_norm: the gradient flows.
+    layer_norm(x, w, None).sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with pytest.raises(ValueError, match="no backward"):
+        layer_norm(x, w, None, backend="triton")
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        layer_norm(x.detach(), torch.ones(7), None, backend="triton")
+    with pytest.raises(ValueError, match="unknown layer_norm backend"):
+        layer_norm(x, w, None, backend="apex")
+    with pytest.raises(ValueError, match="float64"):
+        layer_norm(x.detach().double(), None, None, backend="triton")
+
+
+def test_module_is_a_drop_in_for_nn_layernorm():
+    torch.manual_seed(0)
+    ref = nn.LayerNorm(20, eps=1e-6)
+    nn.init.normal_(ref.weight)
+    nn.init.normal_(ref.bias)
+    ours = LayerNorm(20, eps=1e-6)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 20)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)  # CPU: F.layer_norm itself
+    scripted = torch.jit.script(ours)
+    torch.testing.assert_close(scripted(x), ref(x), rtol=0, atol=0)

@@ -1,0 +1,27 @@
+"""Normalisation layers that run on visattn's op layer."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+
+from visattn.kernels.layer_norm import layer_norm
+
+__all__ = ["LayerNorm"]
+
+
+@register_notrace_module  # the op picks a backend from tensor properties: a leaf for torch.fx
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis (same parameters and state-dict keys) whose forward is
+    :func:`visattn.kernels.layer_norm`: a Triton kernel at inference on CUDA, ``F.layer_norm``
+    whenever gradients are needed, on CPU, under ``torch.compile`` and in TorchScript."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._normalize(x)
+
+    @torch.jit.ignore
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
