@@ -4,6 +4,7 @@ Prints the CUDA kernels by total time and their share, so the forward can be spl
 attention, matmuls, convs, norms / element-wise ops and copies.
 """
 import argparse
+import time
 
 import timm
 import torch
@@ -30,12 +31,19 @@ def main() -> None:
     for _ in range(3):
         forward()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        forward()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 10 * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
-    print(f"== {args.model}: {args.size}px LR, {args.dtype}, GPU kernel time {total / 1e3:.1f} ms")
+    launches = sum(e.count for e in events)
+    print(f"== {args.model}: {args.size}px LR, {args.dtype}: wall {wall:.1f} ms per forward, GPU kernel time "
+          f"{total / 1e3:.1f} ms in {launches} kernels (wall above kernel time: launch-bound)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
         print(f"  {e.self_device_time_total / 1e3:8.2f} ms  {100 * e.self_device_time_total / total:5.1f}%  "
               f"x{e.count:<5d} {e.key[:110]}")
