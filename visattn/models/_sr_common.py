@@ -18,7 +18,7 @@ from visattn.convert import CheckpointMismatchError, check_state_dict, guess_fam
 from visattn.layers.pixel_attention import PixelAttentionUpsampler, check_upsampler_stages, remap_keys
 from visattn.models._common import check_image_batch
 
-__all__ = ["PixelAttentionNet", "check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]
+__all__ = ["PixelAttentionNet", "SRModel", "check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]
 
 
 @torch.jit.ignore
@@ -85,7 +85,26 @@ def convert_pixel_attention_checkpoint(state_dict: Mapping, model: nn.Module, of
     return state_dict
 
 
-class PixelAttentionNet(nn.Module):
+class SRModel(nn.Module):
+    """Base of the visattn SR models: timm's ``set_grad_checkpointing`` switch (the subclass's
+    forward checks ``self.grad_checkpointing``) and ``no_weight_decay`` for relative position
+    bias tables (the official transformer SR recipes exclude them; conv models have none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the trunk's blocks in the backward pass instead of storing their activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
+
+
+class PixelAttentionNet(SRModel):
     """The PAN skeleton that PAN and A2N share: a 3x3 conv, ``depth`` blocks from ``block(dim)``
     and a 3x3 conv with a long residual, then the pixel-attention upsampling tail plus the bilinear
     input skip (:class:`~visattn.layers.pixel_attention.PixelAttentionUpsampler`).
@@ -107,12 +126,7 @@ class PixelAttentionNet(nn.Module):
         self.body = nn.Sequential(*[block(embed_dim) for _ in range(depth)])
         self.conv_body = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
         self.tail = PixelAttentionUpsampler(upscale, embed_dim, upsample_dim, in_chans)
-        self.grad_checkpointing = False
         self.to(device=device, dtype=dtype)  # official init: PyTorch's defaults
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_sr_input(x, self.in_chans, self.model_name)

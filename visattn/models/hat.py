@@ -42,7 +42,7 @@ from visattn.layers.norm import LayerNorm
 from visattn.layers.sr import ChannelAttentionConvBlock, PixelShuffleUpsampler
 from visattn.layers.window_attention import OverlappingWindowAttention, WindowAttention
 from visattn.models._common import drop_path_schedule, init_transformer_weights
-from visattn.models._sr_common import check_sr_input, pad_to_multiple, sr_cfg
+from visattn.models._sr_common import SRModel, check_sr_input, pad_to_multiple, sr_cfg
 
 __all__ = ["HAT"]
 
@@ -102,7 +102,7 @@ class ResidualHybridAttentionGroup(nn.Module):
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
 
-class HAT(nn.Module):
+class HAT(SRModel):
     """HAT super-resolution model (pixel-shuffle upsampler, '1conv' residual connections).
 
     ``forward``: RGB ``[B, in_chans, H, W]`` in [0, 1], any H, W -> ``[B, in_chans, upscale*H, upscale*W]``
@@ -136,7 +136,6 @@ class HAT(nn.Module):
         self.window_size = window_size
         self.img_range = img_range
         self.num_features = embed_dim
-        self.grad_checkpointing = False
         # The official `mean` is a plain tensor attribute: a non-persistent buffer follows .to()
         # and, like the original, stays out of the state dict.
         mean = torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
@@ -166,15 +165,6 @@ class HAT(nn.Module):
         return dict(stem=r"^conv_first|^embed_norm", blocks=r"^groups\.(\d+)" if coarse else [
             (r"^groups\.(\d+)\.blocks\.(\d+)", None), (r"^groups\.(\d+)\.(?:overlap_attn|conv)", (99998,)),
             (r"^norm|^conv_after_body|^conv_before_upsample|^upsample|^conv_last", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # The official training excludes the relative position bias tables from weight decay.
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Deep feature extraction (the official ``forward_features``): shallow features

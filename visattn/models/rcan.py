@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
 from visattn.layers.sr import MeanShift, PixelShuffleUpsampler, ResidualGroup
-from visattn.models._sr_common import check_sr_input, sr_cfg
+from visattn.models._sr_common import SRModel, check_sr_input, sr_cfg
 
 __all__ = ["RCAN", "DIV2K_RGB_MEAN", "DF2K_RGB_MEAN"]
 
@@ -34,7 +34,7 @@ DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DF2K_RGB_MEAN = (0.4690, 0.4490, 0.4036)
 
 
-class RCAN(nn.Module):
+class RCAN(SRModel):
     """RCAN super-resolution model: RGB ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, upscale*H, upscale*W]``.
 
     Any ``H``, ``W`` (the model is fully convolutional). The output is not clamped.
@@ -76,13 +76,7 @@ class RCAN(nn.Module):
         self.upsample = PixelShuffleUpsampler(self.upscale, num_feats)
         self.conv_last = nn.Conv2d(num_feats, 3, 3, padding=1)
         self.add_mean = MeanShift(rgb_range, rgb_mean, sign=1)
-        self.grad_checkpointing = False
         self.to(device=device, dtype=dtype)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each residual group in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = enable
 
     def group_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The output of every residual group, in order; each ``[B, num_feats, H, W]``."""

@@ -33,7 +33,7 @@ from visattn.layers.neighborhood_attention import NeighborhoodAttention2d
 from visattn.layers.norm import LayerNorm
 from visattn.layers.spatial_shift import ShiftMlp
 from visattn.models._common import drop_path_schedule, init_transformer_weights
-from visattn.models._sr_common import check_sr_input, sr_cfg
+from visattn.models._sr_common import SRModel, check_sr_input, sr_cfg
 
 __all__ = ["TCSR"]
 
@@ -57,7 +57,7 @@ class TCSRGroup(nn.Module):
         return self.conv(self.blocks(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
 
-class TCSR(nn.Module):
+class TCSR(SRModel):
     """TCSR super-resolution network: ``[B, in_chans, H, W]`` in [0, 1] -> ``[B, in_chans, sH, sW]``.
 
     Args:
@@ -99,7 +99,6 @@ class TCSR(nn.Module):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         self.upscale, self.in_chans, self.img_range = upscale, in_chans, img_range
         self.num_features = embed_dim
-        self.grad_checkpointing = False
         mean = torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
 
@@ -122,14 +121,6 @@ class TCSR(nn.Module):
         return dict(stem=r"^conv_first", blocks=r"^groups\.(\d+)" if coarse else [
             (r"^groups\.(\d+)\.blocks\.(\d+)", None), (r"^groups\.(\d+)\.conv", (99998,)),
             (r"^norm|^conv_after_body|^upsample", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {n for n, _ in self.named_parameters() if n.endswith(".rpb")}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Deep features: shallow features ``[B, embed_dim, H, W]`` -> ``[B, embed_dim, H, W]``."""
