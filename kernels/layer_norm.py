@@ -3,9 +3,10 @@
 PyTorch's CUDA LayerNorm gives each row its own thread block; with the narrow rows of the
 channels-last SR and NAT trunks (C = 60..192, ~10^5 rows) it reaches a fraction of the memory
 bandwidth (HAT-S at 256x256: 86 LayerNorms, 10 ms of a 76 ms forward on an H200). The Triton
-kernel normalises a tile of rows per program. It has no backward: calls that need gradients,
-calls under ``torch.compile`` (inductor fuses LayerNorm itself) and CPU tensors use
-``F.layer_norm``.
+kernels normalise a tile of rows per program: the forward keeps each row's mean and 1/std, the
+backward recomputes the normalised rows from them, writes dx and per-program partial sums of the
+weight and bias gradients (summed by one reduction after). Calls under ``torch.compile``
+(inductor fuses LayerNorm itself) and CPU tensors use ``F.layer_norm``.
 """
 from __future__ import annotations
 
@@ -25,33 +26,23 @@ _MAX_WIDTH = 8192
 _TILE_ELEMENTS = 4096  # rows per program = this / the padded row width
 
 
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    # Autocast runs layer_norm in fp32 (its fp32 cast policy); follow it so both paths agree.
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.float32
-    return x.dtype
-
-
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5,
                backend: str = "auto") -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last axis of ``x`` ``[..., C]``.
 
     Args:
-        backend: ``"torch"`` (``F.layer_norm``), ``"triton"`` (the forward kernel; on CPU only under
-            ``TRITON_INTERPRET=1``; no gradients) or ``"auto"``: Triton for CUDA tensors when no
-            gradient is needed, the dtype is fp16 / bf16 / fp32 and ``C <= 8192``, outside
-            ``torch.compile``; ``F.layer_norm`` otherwise.
+        backend: ``"torch"`` (``F.layer_norm``), ``"triton"`` (the fused kernels, forward and
+            backward; on CPU only under ``TRITON_INTERPRET=1``) or ``"auto"``: Triton for CUDA
+            tensors of fp16 / bf16 / fp32 with ``C <= 8192`` outside ``torch.compile``,
+            ``F.layer_norm`` otherwise.
 
-    Returns: ``[..., C]`` in ``x.dtype`` (fp32 under autocast, as ``F.layer_norm``).
+    Returns: ``[..., C]`` in ``x.dtype`` (fp32 under autocast, as ``F.layer_norm``); differentiable
+    in ``x``, ``weight`` and ``bias``.
     """
     C = x.shape[-1]
     if backend == "auto":
         use_triton = (triton is not None and x.is_cuda and x.dtype in _SUPPORTED and C <= _MAX_WIDTH
-                      and not _needs_grad(x, weight, bias) and not torch.compiler.is_compiling())
+                      and not torch.compiler.is_compiling())
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         return F.layer_norm(x, (C,), weight, bias, eps)
@@ -59,46 +50,120 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         raise ValueError(f"unknown layer_norm backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     if triton is None:
         raise RuntimeError("layer_norm backend 'triton' needs the triton package")
-    if _needs_grad(x, weight, bias):
-        raise ValueError("layer_norm backend 'triton' has no backward: use 'auto' or 'torch' when gradients are needed")
     if x.dtype not in _SUPPORTED or C > _MAX_WIDTH:
         raise ValueError(f"layer_norm backend 'triton' takes fp16 / bf16 / fp32 rows of at most {_MAX_WIDTH}, "
                          f"got {x.dtype} rows of {C}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
-    rows = x.reshape(-1, C)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=_output_dtype(x), device=x.device)
+    if torch.is_autocast_enabled(x.device.type):
+        # layer_norm is on autocast's fp32 list: the inputs are cast up and the output is fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            return _LayerNormFunction.apply(x.float(), _float_or_none(weight), _float_or_none(bias), eps)
+    return _LayerNormFunction.apply(x, weight, bias, eps)
+
+
+def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+def _tiles(C: int, M: int) -> tuple:
     block_n = triton.next_power_of_2(C)
-    block_m = max(1, min(_TILE_ELEMENTS // block_n, triton.next_power_of_2(max(1, rows.shape[0]))))
-    grid = (triton.cdiv(rows.shape[0], block_m),)
-    _layer_norm_fwd[grid](
-        rows, weight if weight is not None else rows, bias if bias is not None else rows, out,
-        rows.shape[0], C, rows.stride(0), out.stride(0), eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-    )
-    return out.view(x.shape)
+    block_m = max(1, min(_TILE_ELEMENTS // block_n, triton.next_power_of_2(max(1, M))))
+    return block_m, block_n
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        C = x.shape[-1]
+        rows = x.reshape(-1, C)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        M = rows.shape[0]
+        out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+        mean = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        block_m, block_n = _tiles(C, M)
+        _layer_norm_fwd[(triton.cdiv(M, block_m),)](
+            rows, weight if weight is not None else rows, bias if bias is not None else rows, out, mean, rstd,
+            M, C, rows.stride(0), out.stride(0), eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_shape = x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        M, C = rows.shape
+        dy = grad_out.reshape(M, C)
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        block_m, block_n = _tiles(C, M)
+        programs = triton.cdiv(M, block_m)
+        dx = torch.empty_like(rows)
+        partial = torch.empty(2, programs, C, dtype=torch.float32, device=rows.device)  # dw, db per program
+        _layer_norm_bwd[(programs,)](
+            rows, dy, weight if weight is not None else rows, mean, rstd, dx, partial,
+            M, C, rows.stride(0), dy.stride(0), dx.stride(0), programs,
+            HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+        sums = partial.sum(1)
+        dw = sums[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sums[1].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return dx.view(ctx.x_shape), dw, db, None
 
 
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_fwd(X, W, B, Y, M, N, stride_x, stride_y, eps,
+    def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, M, N, stride_x, stride_y, eps,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < M
         col_ok = cols < N
-        mask = (rows < M)[:, None] & col_ok[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / N
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        tl.store(Mean + rows, mean, mask=row_ok)
+        tl.store(Rstd + rows, rstd, mask=row_ok)
         y = centred * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layer_norm_bwd(X, DY, W, Mean, Rstd, DX, Partial, M, N, stride_x, stride_dy, stride_dx, programs,
+                        HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; the program's rows'
+        # sums of dy * xhat (weight grad) and dy (bias grad) go to its slot of Partial.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy
+        if HAS_WEIGHT:
+            g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mean_g = tl.sum(g, axis=1) / N
+        mean_gx = tl.sum(g * xhat, axis=1) / N
+        dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(Partial + pid * N + cols, tl.sum(dy * xhat, axis=0), mask=col_ok)
+        tl.store(Partial + (programs + pid) * N + cols, tl.sum(dy, axis=0), mask=col_ok)

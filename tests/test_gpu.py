@@ -205,3 +205,29 @@ def test_hat_golden_on_cuda_with_the_inference_kernels():
         expected = torch.nn.functional.layer_norm(x, (180,), w, b)
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_kernels_on_cuda(dtype):
+    """The Triton LayerNorm forward and backward against autograd through F.layer_norm on CUDA
+    (DiNAT-T stage-1 rows), plain and under bf16 autocast (fp32 out, as F.layer_norm)."""
+    from visattn.kernels.layer_norm import layer_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 56, 56, 64, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    b = torch.randn(64, device="cuda", requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            got = layer_norm(x, w.to(dtype) if not autocast else w, b.to(dtype) if not autocast else b,
+                             backend="triton")
+            expected = torch.nn.functional.layer_norm(x, (64,), w.to(dtype) if not autocast else w,
+                                                      b.to(dtype) if not autocast else b)
+        assert got.dtype == expected.dtype
+        dy = torch.randn_like(expected)
+        g = torch.autograd.grad(got, (x, w, b), dy)
+        e = torch.autograd.grad(expected, (x, w, b), dy)
+        tol = 1e-4 if dtype == torch.float32 and not autocast else 3e-2
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+        for gi, ei in zip(g, e):
+            torch.testing.assert_close(gi, ei, rtol=tol, atol=tol * 20)

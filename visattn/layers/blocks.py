@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp
 
+from visattn.layers.norm import LayerNorm
+
 
 class NHWCTransformerBlock(nn.Module):
     """Pre-norm transformer block on channels-last maps ``[B, H, W, C]``:
@@ -26,7 +28,7 @@ class NHWCTransformerBlock(nn.Module):
         drop_path: float = 0.0,
         proj_drop: float = 0.0,
         act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        norm_layer: Type[nn.Module] = LayerNorm,
         mlp_layer: Type[nn.Module] = Mlp,
     ):
         super().__init__()

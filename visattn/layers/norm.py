@@ -12,8 +12,8 @@ __all__ = ["LayerNorm"]
 @register_notrace_module  # the op picks a backend from tensor properties: a leaf for torch.fx
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last axis (same parameters and state-dict keys) whose forward is
-    :func:`visattn.kernels.layer_norm`: a Triton kernel at inference on CUDA, ``F.layer_norm``
-    whenever gradients are needed, on CPU, under ``torch.compile`` and in TorchScript."""
+    :func:`visattn.kernels.layer_norm`: the Triton kernels (forward and backward) on CUDA,
+    ``F.layer_norm`` on CPU, under ``torch.compile`` and in TorchScript."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
-from visattn.layers import AttentionLePE, BiLevelRoutingAttention, NHWCTransformerBlock
+from visattn.layers import AttentionLePE, BiLevelRoutingAttention, LayerNorm, NHWCTransformerBlock
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 
 __all__ = ["BiFormer", "BiFormerDenseBackbone"]
@@ -29,7 +29,7 @@ class BiFormerBlock(NHWCTransformerBlock):
     """Depthwise-conv position embedding, then a pre-norm transformer block; NCHW in and out."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float):
-        super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=1e-6))
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

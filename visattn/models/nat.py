@@ -28,7 +28,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
-from visattn.layers import GlobalAttentionRPB, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
+from visattn.layers import GlobalAttentionRPB, LayerNorm, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
 
 __all__ = ["NAT", "NATIsotropic", "NATDenseBackbone"]
 
@@ -39,7 +39,7 @@ class ConvStem(nn.Module):
     ``[B, C_in, H, W]`` -> ``[B, ceil(H/4), ceil(W/4), dim]``.
     """
 
-    def __init__(self, in_chans: int, dim: int, norm_layer: Type[nn.Module] = nn.LayerNorm):
+    def __init__(self, in_chans: int, dim: int, norm_layer: Type[nn.Module] = LayerNorm):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
@@ -53,7 +53,7 @@ class PatchStem(nn.Module):
     """Non-overlapping patchify conv (input zero-padded right/bottom to a multiple of the patch),
     then LayerNorm. ``[B, C_in, H, W]`` -> ``[B, ceil(H/p), ceil(W/p), dim]``."""
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_layer: Type[nn.Module] = nn.LayerNorm):
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, norm_layer: Type[nn.Module] = LayerNorm):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
@@ -68,7 +68,7 @@ class PatchStem(nn.Module):
 class ConvDownsample(nn.Module):
     """NAT downsampler: 3x3 stride-2 conv without bias, then LayerNorm. NHWC in and out."""
 
-    def __init__(self, dim: int, out_dim: int, norm_layer: Type[nn.Module] = nn.LayerNorm):
+    def __init__(self, dim: int, out_dim: int, norm_layer: Type[nn.Module] = LayerNorm):
         super().__init__()
         self.reduction = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1, bias=False)
         self.norm = norm_layer(out_dim)
@@ -214,7 +214,7 @@ class NAT(_NHWCClassifier):
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        norm_layer: Type[nn.Module] = LayerNorm,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -291,7 +291,7 @@ class NATDenseBackbone(nn.Module):
         super().__init__()
         self.trunk = NAT(num_classes=0, **kwargs)
         self.out_indices = self.trunk.prune_intermediate_layers(list(out_indices), prune_norm=True)
-        self.out_norms = nn.ModuleList([nn.LayerNorm(self.trunk.feature_info[i]["num_chs"]) for i in self.out_indices])
+        self.out_norms = nn.ModuleList([LayerNorm(self.trunk.feature_info[i]["num_chs"]) for i in self.out_indices])
         self.feature_info = [self.trunk.feature_info[i] for i in self.out_indices]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -326,7 +326,7 @@ class NATIsotropic(_NHWCClassifier):
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        norm_layer: Type[nn.Module] = LayerNorm,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
