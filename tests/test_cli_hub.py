@@ -33,6 +33,13 @@ def test_list_filter_and_gmacs(capsys):
     ]
 
 
+def test_info_of_a_model_without_released_weights(capsys):
+    assert cli.main(["info", "visattn_tcsr_b_x4"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained tags: none (no released weights)" in out
+    assert "pretrained_cfg (visattn_tcsr_b_x4):" in out
+
+
 def test_info_prints_input_size_and_strides(capsys):
     assert cli.main(["info", "visattn_nat_t"]) == 0
     out = capsys.readouterr().out

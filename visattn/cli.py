@@ -91,8 +91,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if s["strides"]:
         print(f"feature strides: {s['strides']}")
         print(f"feature channels: {s['channels']}")
-    print(f"pretrained tags: {', '.join(cfg.split('.', 1)[1] for cfg in get_arch_pretrained_cfgs(name))}")
-    print(f"pretrained_cfg ({name}.{s['tag']}):")
+    tags = [cfg.split(".", 1)[1] for cfg in get_arch_pretrained_cfgs(name) if "." in cfg]
+    print(f"pretrained tags: {', '.join(tags) if tags else 'none (no released weights)'}")
+    print(f"pretrained_cfg ({name}{'.' + s['tag'] if s['tag'] else ''}):")
     for key, value in s["pretrained_cfg"].items():
         print(f"  {key}: {json.dumps(value, default=str)}")
     return 0
