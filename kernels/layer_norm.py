@@ -10,6 +10,7 @@ weight and bias gradients (summed by one reduction after). Calls under ``torch.c
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -34,7 +35,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         backend: ``"torch"`` (``F.layer_norm``), ``"triton"`` (the fused kernels, forward and
             backward; on CPU only under ``TRITON_INTERPRET=1``) or ``"auto"``: Triton for CUDA
             tensors of fp16 / bf16 / fp32 with ``C <= 8192`` outside ``torch.compile``,
-            ``F.layer_norm`` otherwise.
+            ``F.layer_norm`` otherwise. The environment variable ``VISATTN_LAYER_NORM=torch``
+            makes ``"auto"`` always pick ``F.layer_norm`` (for A/B timing of whole models).
 
     Returns: ``[..., C]`` in ``x.dtype`` (fp32 under autocast, as ``F.layer_norm``); differentiable
     in ``x``, ``weight`` and ``bias``.
@@ -42,7 +44,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     C = x.shape[-1]
     if backend == "auto":
         use_triton = (triton is not None and x.is_cuda and x.dtype in _SUPPORTED and C <= _MAX_WIDTH
-                      and not torch.compiler.is_compiling())
+                      and os.environ.get("VISATTN_LAYER_NORM") != "torch" and not torch.compiler.is_compiling())
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         return F.layer_norm(x, (C,), weight, bias, eps)

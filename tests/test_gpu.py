@@ -231,3 +231,17 @@ def test_layer_norm_kernels_on_cuda(dtype):
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
         for gi, ei in zip(g, e):
             torch.testing.assert_close(gi, ei, rtol=tol, atol=tol * 20)
+
+
+def test_layer_norm_environment_switch(monkeypatch):
+    """VISATTN_LAYER_NORM=torch makes "auto" use F.layer_norm on CUDA (the A/B switch)."""
+    import visattn.kernels.layer_norm as module
+
+    calls = []
+    real = module._LayerNormFunction.apply
+    monkeypatch.setattr(module._LayerNormFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(64, 96, device="cuda")
+    module.layer_norm(x, None, None)
+    monkeypatch.setenv("VISATTN_LAYER_NORM", "torch")
+    module.layer_norm(x, None, None)
+    assert calls == [1]

@@ -84,3 +84,4 @@ def test_module_is_a_drop_in_for_nn_layernorm():
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)  # CPU: F.layer_norm itself
     scripted = torch.jit.script(ours)
     torch.testing.assert_close(scripted(x), ref(x), rtol=0, atol=0)
+
