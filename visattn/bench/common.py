@@ -63,3 +63,14 @@ def write_json(path: str, payload: Dict[str, object]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+def save_results(out_dir: str, stem: str, payload: Dict, draw: Callable[[str], None]) -> None:
+    """Write ``payload`` to ``out_dir/stem.json`` and ``draw(path)`` the chart to ``out_dir/stem.png``
+    (skipped with a note when matplotlib is missing: the numbers matter more than the picture)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{stem}.json"), payload)
+    try:
+        draw(os.path.join(out_dir, f"{stem}.png"))
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from visattn.bench.common import (
-    copy_bandwidth, device_name, format_table, peak_extra_bytes, require_cuda, select_shapes, time_ms, write_json,
+    copy_bandwidth, device_name, format_table, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
 )
 from visattn.kernels import na2d
 
@@ -271,13 +270,8 @@ def run(shapes: List[NAShape], competitors: List[str], out_dir: str, dtype: torc
         "shapes": [asdict(s) for s in shapes],
         "rows": rows,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "na.json"), payload)
     title = f"neighborhood attention, {payload['dtype']}, {payload['device']}, {payload['date']}"
-    try:
-        plot(rows, os.path.join(out_dir, "na.png"), title)
-    except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    save_results(out_dir, "na", payload, lambda path: plot(rows, path, title))
     print(f"{title}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(summarize(rows))
     return payload

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 import torch
 
 from visattn.bench.common import (
-    device_name, format_table, peak_extra_bytes, require_cuda, select_shapes, time_ms, write_json,
+    device_name, format_table, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
 )
 from visattn.layers import BiLevelRoutingAttention
 
@@ -125,13 +124,8 @@ def run(shapes: List[BRAShape], out_dir: str, dtype: torch.dtype = torch.bfloat1
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "shapes": [asdict(s) for s in shapes], "rows": rows,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "routed.json"), payload)
     title = f"bi-level routing attention layer, {payload['dtype']}, {payload['device']}, {payload['date']}"
-    try:
-        plot(rows, os.path.join(out_dir, "routed.png"), title)
-    except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    save_results(out_dir, "routed", payload, lambda path: plot(rows, path, title))
     print(title)
     print(summarize(rows))
     return payload

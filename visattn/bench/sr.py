@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import time
 from typing import Dict, Iterator, List, Optional
 
@@ -33,7 +32,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from visattn.bench.common import device_name, format_table, peak_extra_bytes, require_cuda, time_ms, write_json
+from visattn.bench.common import device_name, format_table, peak_extra_bytes, require_cuda, save_results, time_ms
 from visattn.bench.hat_official_port import OfficialHATPort
 from visattn.models.hat import HAT
 from visattn.sr import upscale
@@ -205,14 +204,9 @@ def run(model: str, batch: int, size: int, dtype: torch.dtype, tiled_model: Opti
         "forward": forward, "tiled": tiled,
     }
     payload["targets"] = targets(payload)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "sr.json"), payload)
     mode = "fp32" if dtype == torch.float32 else f"{payload['dtype']} autocast"
     title = f"HAT, visattn vs the official algorithm, {mode}, {payload['device']}, {payload['date']}"
-    try:
-        plot(payload, os.path.join(out_dir, "sr.png"), title)
-    except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    save_results(out_dir, "sr", payload, lambda path: plot(payload, path, title))
     print(title)
     print(summarize_forward(forward))
     if tiled:
