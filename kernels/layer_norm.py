@@ -1,4 +1,4 @@
-"""Layer normalisation over the last axis, with a Triton forward for inference on CUDA.
+"""Layer normalisation over the last axis, with Triton forward and backward kernels on CUDA.
 
 PyTorch's CUDA LayerNorm gives each row its own thread block; with the narrow rows of the
 channels-last SR and NAT trunks (C = 60..192, ~10^5 rows) it reaches a fraction of the memory

@@ -35,40 +35,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visattn.models.hat import HAT
+from visattn.models.hat import HAT, official_relative_position_index, official_table_rows
 
-__all__ = ["OfficialHATPort", "hyperparameters_of", "official_state_dict", "relative_position_index_oca",
-           "relative_position_index_sa"]
+__all__ = ["OfficialHATPort", "hyperparameters_of", "official_state_dict"]
 
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _NUM_FEAT = 64
 
 
 # ---------------------------------------------------------------------------------------------
-# relative position indices, shifted-window mask, window partition (hat_arch.py's helpers)
-
-def _grid(size: int) -> torch.Tensor:
-    """Row-major ``(y, x)`` of a ``size x size`` window: int64 ``[size*size, 2]``."""
-    # On the CPU whatever the default device (e.g. a model built under `torch.device("meta")`).
-    coords = torch.arange(size, device="cpu")
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([ys.flatten(), xs.flatten()], dim=1)
-
-
-def relative_position_index_sa(window_size: int) -> torch.Tensor:
-    """The official ``relative_position_index_SA``: int64 ``[w*w, w*w]``, the table row of each
-    (query, key) pair: ``(q - k + w - 1)`` per axis, rows ``* (2w - 1)`` plus columns."""
-    rel = _grid(window_size)[:, None] - _grid(window_size)[None] + (window_size - 1)
-    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
-
-
-def relative_position_index_oca(window_size: int, overlap_size: int) -> torch.Tensor:
-    """The official ``relative_position_index_OCA``: int64 ``[w*w, o*o]``: ``(k - q + w - o + 1)``
-    per axis (key position in the ``o x o`` window, query position in the ``w x w`` one), rows
-    ``* (w + o - 1)`` plus columns. Negative for some pairs, as in the official buffer."""
-    rel = _grid(overlap_size)[None] - _grid(window_size)[:, None] + (window_size - overlap_size + 1)
-    return rel[..., 0] * (window_size + overlap_size - 1) + rel[..., 1]
-
+# shifted-window mask and window partition (hat_arch.py's helpers; the index buffers are hat.py's,
+# checked byte for byte against the official ones by the tests)
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """``[B, H, W, C]`` -> ``[B * H/w * W/w, w, w, C]`` (windows row-major, image by image)."""
@@ -301,8 +278,8 @@ class OfficialHATPort(nn.Module):
         overlap_size = int(window_size * overlap_ratio) + window_size
         mean = torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)  # a plain attribute in the official code
-        self.register_buffer("relative_position_index_SA", relative_position_index_sa(window_size))
-        self.register_buffer("relative_position_index_OCA", relative_position_index_oca(window_size, overlap_size))
+        self.register_buffer("relative_position_index_SA", official_relative_position_index(window_size, window_size))
+        self.register_buffer("relative_position_index_OCA", official_relative_position_index(window_size, overlap_size))
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = _PatchEmbed(embed_dim)
         self.layers = nn.ModuleList([
@@ -385,18 +362,15 @@ def hyperparameters_of(model: HAT) -> Dict[str, object]:
     )
 
 
-def _rpb_to_table(rpb: torch.Tensor, index: torch.Tensor, window_size: int, key_window: int) -> torch.Tensor:
+def _rpb_to_table(rpb: torch.Tensor, window_size: int, key_window: int) -> torch.Tensor:
     """visattn ``rpb [heads, w+k-1, w+k-1]`` (by key - query offset + w - 1) -> the official table
-    ``[(w+k-1)**2, heads]`` from which the official ``index [w*w, k*k]`` (CPU) reads the same bias."""
-    size = window_size + key_window - 1
-    rows = index.reshape(-1) % (size * size)  # the wrap-around of the official (negative) OCAB index
-    if torch.bincount(rows, minlength=size * size).min() == 0:
+    ``[(w+k-1)**2, heads]`` from which the official index reads the same bias (the inverse of
+    HAT's checkpoint conversion: each offset has its own table row)."""
+    rows = official_table_rows(window_size, key_window)
+    if rows.unique().numel() != rows.numel():
         raise ValueError(f"the official index of windows ({window_size}, {key_window}) leaves table rows unread")
-    rel = _grid(key_window)[None] - _grid(window_size)[:, None] + (window_size - 1)  # [w*w, k*k, 2]
-    rel, rows = rel.to(rpb.device), rows.to(rpb.device)
-    bias = rpb[:, rel[..., 0], rel[..., 1]]  # [heads, w*w, k*k]
-    table = rpb.new_zeros(size * size, rpb.shape[0])
-    table[rows] = bias.reshape(rpb.shape[0], -1).t()  # pairs that share a row share an offset, hence a value
+    table = rpb.new_zeros(rows.numel(), rpb.shape[0])
+    table[rows.to(rpb.device)] = rpb.reshape(rpb.shape[0], -1).t()
     return table
 
 
@@ -418,14 +392,13 @@ def official_state_dict(model: HAT) -> Dict[str, torch.Tensor]:
     """``model``'s weights in the official HAT layout, the two index buffers included (detached
     tensors; the rpb tables are new tensors, everything else shares ``model``'s storage)."""
     ws, overlap = model.window_size, model.overlap_size
-    rpi_sa, rpi_oca = relative_position_index_sa(ws), relative_position_index_oca(ws, overlap)
-    out = {"relative_position_index_SA": rpi_sa, "relative_position_index_OCA": rpi_oca}
+    out = {"relative_position_index_SA": official_relative_position_index(ws, ws),
+           "relative_position_index_OCA": official_relative_position_index(ws, overlap)}
     for key, value in model.state_dict().items():
         new_key = key
         for pattern, repl in _RENAMES:
             new_key = re.sub(pattern, repl, new_key)
         if key.endswith(".rpb"):
-            ocab = ".overlap_attn." in key
-            value = _rpb_to_table(value, rpi_oca if ocab else rpi_sa, ws, overlap if ocab else ws)
+            value = _rpb_to_table(value, ws, overlap if ".overlap_attn." in key else ws)
         out[new_key] = value
     return out

@@ -9,7 +9,8 @@ from .spatial_shift import ShiftMlp, spatial_shift
 from .sr import RCAB, ChannelAttention, ChannelAttentionConvBlock, MeanShift, PixelShuffleUpsampler, ResidualGroup
 from .window_attention import OverlappingWindowAttention, WindowAttention
 
-__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "ChannelAttention", "ChannelAttentionConvBlock", "GlobalAttentionRPB", "LayerNorm", "MeanShift",
-           "NHWCTransformerBlock", "NeighborhoodAttention2d", "OverlappingWindowAttention", "PixelAttention",
-           "PixelAttentionConv", "PixelAttentionUpsampler", "PixelShuffleUpsampler", "RCAB", "ResidualGroup",
-           "ShiftMlp", "WindowAttention", "relative_position_index", "spatial_shift"]
+__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "ChannelAttention", "ChannelAttentionConvBlock",
+           "GlobalAttentionRPB", "LayerNorm", "MeanShift", "NHWCTransformerBlock", "NeighborhoodAttention2d",
+           "OverlappingWindowAttention", "PixelAttention", "PixelAttentionConv", "PixelAttentionUpsampler",
+           "PixelShuffleUpsampler", "RCAB", "ResidualGroup", "ShiftMlp", "WindowAttention", "relative_position_index",
+           "spatial_shift"]

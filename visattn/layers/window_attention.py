@@ -13,9 +13,9 @@ never stored). For unshifted windows the result equals
 
 Two things keep SDPA on its fused kernels and off the full ``windows x heads x N x N`` tensors:
 the bias is one ``[heads, N, N]`` tensor broadcast over the windows (kept between inference
-calls), and Swin's region mask, which
-is zero except in the last row and column of windows, is applied by re-running only those windows
-(:func:`shifted_window_mask` of a 2x2-window map gives their three mask patterns); head sizes
+calls), and Swin's region mask, which is zero except in the last row and column of windows, is
+applied by re-running only those windows (:func:`shifted_window_mask` of a 2x2-window map gives
+their three mask patterns); head sizes
 that are not a multiple of 8 (HAT: 180 / 6 = 30) are zero-padded to one for the call, since the
 fused kernels take only those and would otherwise fall back to materialising the attention.
 """
@@ -77,11 +77,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     """SDPA with an additive ``bias``, head size zero-padded to a multiple of 8 where needed
     (zero columns change neither ``q . k`` nor the first ``D`` output columns)."""
     D = q.shape[-1]
-    pad = (-D) % 8
-    if pad and q.is_cuda:
+    pad = (-D) % 8 if q.is_cuda else 0
+    if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return out[..., :D] if pad and q.is_cuda else out
+    return out[..., :D] if pad else out
 
 
 @torch.jit.ignore  # TorchScript would hand it dtypes as ints: it takes the tensor whose dtype / device it wants

@@ -93,8 +93,7 @@ class ResidualHybridAttentionGroup(nn.Module):
             for i in range(depth)
         ])
         self.overlap_attn = NHWCTransformerBlock(
-            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio,
-            norm_layer=LayerNorm)
+            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +193,7 @@ class HAT(SRModel):
 
 def _window_coords(size: int) -> torch.Tensor:
     """Row-major ``(y, x)`` of a ``size x size`` window: ``[size*size, 2]``."""
-    # Always on the CPU, whatever the default device: the results are cached (`_official_rows`).
+    # Always on the CPU, whatever the default device: the results are cached (`official_table_rows`).
     coords = torch.arange(size, device="cpu")
     return torch.stack(torch.meshgrid(coords, coords, indexing="ij"), -1).view(-1, 2)
 
@@ -213,7 +212,7 @@ def official_relative_position_index(window_size: int, key_window: int) -> torch
 
 
 @functools.lru_cache(maxsize=None)
-def _official_rows(window_size: int, key_window: int) -> torch.Tensor:
+def official_table_rows(window_size: int, key_window: int) -> torch.Tensor:
     """For each (key - query) offset, in ``rpb``'s row-major order, the official table row that
     reads it: int64 ``[(w+o-1)**2]`` (read-only, cached per window pair)."""
     size = window_size + key_window - 1
@@ -233,7 +232,7 @@ def _table_to_rpb(key: str, table: torch.Tensor, window_size: int, key_window: i
         raise CheckpointMismatchError(
             f"{key} has shape {tuple(table.shape)}, the model's windows ({window_size}, {key_window}) need "
             f"({size * size}, heads)")
-    return table[_official_rows(window_size, key_window).to(table.device)].t().reshape(-1, size, size)
+    return table[official_table_rows(window_size, key_window).to(table.device)].t().reshape(-1, size, size)
 
 
 def _check_index(key: str, value: torch.Tensor, window_size: int, key_window: int) -> None:
