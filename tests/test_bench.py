@@ -1,6 +1,7 @@
 """The benchmark harness: its flex_attention competitor computes the same op, the official HAT
-port of the SR benchmark reproduces the official output and visattn's HAT, and the commands refuse
-clearly without CUDA (the timings themselves run on the GPU machine)."""
+port of the SR benchmark reproduces the official output and visattn's HAT, the official BRA port of
+the routed benchmark computes visattn's layer with the official weight layout, and the commands
+refuse clearly without CUDA (the timings themselves run on the GPU machine)."""
 import hashlib
 
 import pytest
@@ -8,10 +9,12 @@ import timm
 import torch
 
 import visattn.models.hat  # noqa: F401  (registers the HAT models)
+from visattn.bench.biformer_official_port import OfficialBRAPort
 from visattn.bench.hat_official_port import OfficialHATPort, hyperparameters_of, official_state_dict
 from visattn.bench.na import SHAPES, NAShape, flex_mods
 from visattn.cli import main
 from visattn.kernels import na2d
+from visattn.layers import BiLevelRoutingAttention
 from visattn.models.hat import HAT, checkpoint_filter_fn
 from golden_data import load_golden, load_manifest
 
@@ -115,6 +118,29 @@ def test_official_port_layout_of_benchmarked_models(name, official):
         port = OfficialHATPort(**hyperparameters_of(model))
     assert [(k, list(v.shape)) for k, v in port.state_dict().items()] == expected
     assert sorted((k, list(v.shape)) for k, v in official_state_dict(model).items()) == sorted(expected)
+
+
+@pytest.mark.parametrize("size, n_win, topk, auto_pad", [(14, 7, 4, False), (16, 4, 3, False), (13, 4, 2, True)])
+def test_official_bra_port_matches_visattn_layer(size, n_win, topk, auto_pad):
+    """The port (official op sequence, official ``torch.topk`` routing) equals visattn's layer on
+    the reference backend (golden-checked inside the BiFormer models), padding included."""
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(32, 4, n_win, 32, topk, auto_pad=auto_pad, backend="reference")
+    port = OfficialBRAPort.from_visattn(layer)
+    x = torch.randn(2, size, size, 32, dtype=torch.float64)
+    layer, port = layer.double(), port.double()
+    torch.testing.assert_close(port(x), layer(x), rtol=1e-10, atol=1e-10)
+    wrong = OfficialBRAPort.from_visattn(layer)
+    wrong.topk = topk - 1  # one routed region fewer must show
+    assert (wrong(x) - layer(x)).abs().max() > 1e-3
+
+
+def test_official_bra_port_has_the_official_layout():
+    """Keys and shapes of the port are those of an official BiFormer-S stage-2 block's ``attn``."""
+    prefix = "stages.1.0.attn."
+    expected = [(k[len(prefix):], list(s)) for k, s in load_manifest("biformer_small")["state_dict"] if k.startswith(prefix)]
+    port = OfficialBRAPort(128, 4, 7, 128, 4)
+    assert [(k, list(v.shape)) for k, v in port.state_dict().items()] == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")

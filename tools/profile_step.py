@@ -1,10 +1,12 @@
 """Where one training step's GPU time goes (GPU): torch.profiler over ``visattn bench model``'s step.
 
 For each model spec (``name`` or ``name@backend``, as in ``visattn bench model``) prints the CUDA
-kernels by total time and the share of the step each takes, and the host (CPU) time of the step,
-so that the step's time can be split into attention, matmuls, norms / element-wise ops and launch gaps.
+kernels by total time and the share of the step each takes, and the step's wall time next to its
+summed GPU kernel time (their difference is the time the GPU waits for the host's launches), so that
+the step can be split into attention, matmuls, norms / element-wise ops and launch gaps.
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,9 @@ import torch.nn.functional as F
 from visattn.bench.model import build
 
 
-def profile(spec: str, batch: int, image_size: int, rows: int) -> None:
+def profile(spec: str, batch: int, image_size: int, rows: int, optimizer: str, host: bool) -> None:
     model = build(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
     images = torch.randn(batch, 3, image_size, image_size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
 
@@ -28,6 +30,11 @@ def profile(spec: str, batch: int, image_size: int, rows: int) -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / 5 * 1e3
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
@@ -35,10 +42,17 @@ def profile(spec: str, batch: int, image_size: int, rows: int) -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
-    print(f"== {spec}: batch {batch}, {image_size}px, GPU kernel time per step {total / 2e3:.1f} ms")
+    print(f"== {spec}: batch {batch}, {image_size}px, wall {wall_ms:.1f} ms per step "
+          f"(unprofiled), GPU kernel time {total / 2e3:.1f} ms")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
         print(f"  {e.self_device_time_total / 2e3:8.2f} ms  {100 * e.self_device_time_total / total:5.1f}%  "
               f"x{e.count // 2:<5d} {e.key[:110]}")
+    if host:
+        cpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        cpu_total = sum(e.self_cpu_time_total for e in cpu)
+        print(f"-- host: self CPU time {cpu_total / 2e3:.1f} ms per step in {sum(e.count for e in cpu) // 2} ops (profiled)")
+        for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:rows]:
+            print(f"  {e.self_cpu_time_total / 2e3:8.2f} ms  x{e.count // 2:<5d} {e.self_cpu_time_total / max(1, e.count):6.1f} us  {e.key[:90]}")
 
 
 def main() -> None:
@@ -47,9 +61,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach"])
+    parser.add_argument("--host", action="store_true", help="also the host ops by self CPU time")
     args = parser.parse_args()
     for spec in args.models:
-        profile(spec, args.batch, args.image_size, args.rows)
+        profile(spec, args.batch, args.image_size, args.rows, args.optimizer, args.host)
         torch.cuda.empty_cache()
 
 

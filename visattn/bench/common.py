@@ -24,6 +24,23 @@ def time_ms(fn: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tens
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def graph_time_ms(fn: Callable[[], object]) -> float:
+    """Median time of replaying ``fn`` captured in a CUDA graph: the GPU time of its kernels without
+    the host's launch overhead (``fn`` must not synchronize; gradients it makes accumulate)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile / autotune and allocate outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = time_ms(graph.replay)
+    del graph
+    return ms
+
+
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak CUDA memory ``fn`` allocates on top of what is allocated when it starts."""
     torch.cuda.synchronize()

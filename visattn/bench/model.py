@@ -1,21 +1,27 @@
 """``visattn bench model``: whole-model training throughput, visattn backends against timm's Swin.
 
-One training step is forward, backward and an AdamW step under bf16 autocast on random images and
-labels. Every model runs in the same process on the same batch; the neighborhood-attention models
-run once per op backend (``triton``, ``reference``; BiFormer also ``gather``, the official algorithm).
+One training step is forward, backward and an AdamW step (``fused=True`` by default, the fastest
+torch has; ``--optimizer foreach`` for the multi-tensor one) under bf16 autocast on random images
+and labels. Every model runs in the same process on the same batch; the neighborhood-attention
+models run once per op backend (``triton``, ``reference``; BiFormer also ``gather``, the official
+algorithm). The time per step is the median over ``--steps`` steps, each timed by CUDA events,
+measured twice: ``eager`` (a plain training loop: a model whose kernels are short waits for the
+host to launch them) and ``graph`` (the whole step captured in one CUDA graph and replayed: the
+GPU time of the kernels alone, what a host-bound model gains from graph capture).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
-from typing import Dict, List, Optional
+import statistics
+from typing import Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 
-from visattn.bench.common import device_name, format_table, require_cuda, time_ms, write_json
+from visattn.bench.common import device_name, format_table, require_cuda, write_json
 from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d
 
 # Layers whose op backend ``name@backend`` selects.
@@ -36,47 +42,87 @@ def build(spec: str) -> torch.nn.Module:
     return model.cuda().train()
 
 
-def train_throughput(spec: str, batch: int, image_size: int) -> Dict[str, float]:
+OPTIMIZERS = ("fused", "foreach")
+TIMINGS = ("eager", "graph")
+
+
+def _median_step_ms(step: Callable[[], object], steps: int) -> float:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def train_throughput(spec: str, batch: int, image_size: int, optimizer: str = "fused", steps: int = 10,
+                     timing: str = "eager") -> Dict[str, float]:
+    """Median ms per training step of ``spec``: ``timing="eager"`` runs the step as a training loop
+    does; ``"graph"`` captures the whole step (forward, loss, backward, AdamW with
+    ``capturable=True``) in one CUDA graph and replays it, which removes the host's launch overhead
+    (PyTorch's whole-network capture)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
+    graph = timing == "graph"
     model = build(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph, **{optimizer: True})
     gen = torch.Generator(device="cuda").manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
     labels = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # The autocast weight cache cannot outlive a graph capture.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graph)
 
-    for _ in range(3):  # compile the kernels, allocate optimizer state
-        step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile the kernels, allocate optimizer state and gradients
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        run_step = captured.replay
+    else:
+        run_step = step
     torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(step)
+    ms = _median_step_ms(run_step, steps)
     peak = torch.cuda.max_memory_allocated()
     return {"ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "peak_GiB": peak / 2**30}
 
 
-def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str]) -> Dict[str, object]:
+def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], optimizer: str = "fused",
+        steps: int = 10, timings: Sequence[str] = TIMINGS) -> Dict[str, object]:
     require_cuda()
-    results = {}
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for spec in specs:
-        results[spec] = train_throughput(spec, batch, image_size)
-        torch.cuda.empty_cache()  # the finished model's memory goes back before the next one
-    first = results[specs[0]]["images_per_s"]
-    rows = [
-        {"model": spec, "ms/step": f"{r['ms_per_step']:.1f}", "img/s": f"{r['images_per_s']:.0f}",
-         f"{specs[0]} speedup": f"{first / r['images_per_s']:.2f}x", "peak GiB": f"{r['peak_GiB']:.1f}"}
-        for spec, r in results.items()
-    ]
+        for timing in timings:
+            results.setdefault(spec, {})[timing] = train_throughput(spec, batch, image_size, optimizer, steps, timing)
+            torch.cuda.empty_cache()  # the finished model's memory goes back before the next one
+    rows = []
+    for spec, by_timing in results.items():
+        row = {"model": spec}
+        for timing, r in by_timing.items():
+            first = results[specs[0]][timing]["images_per_s"]
+            row.update({f"{timing} ms/step": f"{r['ms_per_step']:.1f}", f"{timing} img/s": f"{r['images_per_s']:.0f}",
+                        f"{timing} vs {specs[0]}": f"{r['images_per_s'] / first:.2f}x", f"{timing} peak GiB": f"{r['peak_GiB']:.1f}"})
+        rows.append(row)
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "batch": batch, "image_size": image_size, "amp": "bfloat16",
-        "results": results,
+        "optimizer": f"AdamW({optimizer}=True)", "steps": steps, "results": results,
     }
-    print(f"training step (fwd+bwd+AdamW), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
+    print(f"training step (fwd+bwd+AdamW {optimizer}), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
     print(format_table(rows, list(rows[0])))
     if out_dir:
         write_json(os.path.join(out_dir, "model.json"), payload)
@@ -88,9 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"timm names, optionally @triton / @reference / @gather (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--optimizer", default="fused", choices=OPTIMIZERS, help="AdamW implementation (default: fused)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warm-up steps (default: 10)")
+    parser.add_argument("--timings", nargs="+", default=list(TIMINGS), choices=TIMINGS,
+                        help="eager steps and/or replays of the step captured in a CUDA graph (default: both)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for model.json ('' for none)")
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.models, args.batch, args.image_size, args.out or None)
+    run(args.models, args.batch, args.image_size, args.out or None, args.optimizer, args.steps, args.timings)
     return 0

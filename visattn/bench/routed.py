@@ -1,23 +1,32 @@
 """``visattn bench routed``: BiFormer's bi-level routing attention, fused kernels against the gather.
 
-In one process, on the same bf16 inputs, a ``BiLevelRoutingAttention`` layer (projections, routing,
-attention, LePE, output) at BiFormer-S stage 1-3 shapes, 224 px (n_win 7) and 512 px (n_win 8),
-runs on (a) visattn's Triton routed-attention kernels, which read K/V in place, and (b) the
-``gather`` backend, a port of the official code (``topk`` copies of K/V per query region, computed
-in the inputs' dtype as the official layer is). Forward and forward+backward medians and peak memory; prints a table, writes JSON and a
-PNG chart.
+In one process, on the same bf16 inputs and weights, a bi-level routing attention layer
+(projections, routing, attention, LePE, output) at BiFormer-S stage 1-3 shapes, 224 px (n_win 7)
+and 512 px (n_win 8), runs as
+
+* ``triton``: visattn's ``BiLevelRoutingAttention`` on the Triton routed-attention kernels, which
+  read K / V in place;
+* ``gather``: the same visattn layer on the ``gather`` backend (the official attention algorithm,
+  ``topk`` copies of K / V per query region, in the inputs' dtype);
+* ``official``: :class:`~visattn.bench.biformer_official_port.OfficialBRAPort`, the official
+  layer's op sequence (its window rearranges and copies, ``torch.gather``, explicit attention).
+
+Forward and forward+backward medians, both eager (what a training loop sees, host launch overhead
+included) and replayed from a CUDA graph (the kernels' GPU time alone), and the eager peak memory;
+speedups are against the official port. Prints a table, writes JSON and a PNG chart.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
+from visattn.bench.biformer_official_port import OfficialBRAPort
 from visattn.bench.common import (
-    device_name, format_table, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
+    device_name, format_table, graph_time_ms, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
 )
 from visattn.layers import BiLevelRoutingAttention
 
@@ -41,51 +50,69 @@ SHAPES = [
     BRAShape("s-512-stage2", 16, 64, 128, 4, 8, 4),
     BRAShape("s-512-stage3", 16, 32, 256, 8, 8, 16),
 ]
-BACKENDS = ["triton", "gather"]
+COMPETITORS = ["triton", "gather", "official"]
+BASELINE = "official"
+TIMINGS = ("eager", "graph")
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> Callable[[], object]:
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return layer(x)
+        return fwd
+
+    def fwd_bwd():
+        layer(x).backward(grad)
+    return fwd_bwd
 
 
 def bench_shape(shape: BRAShape, dtype: torch.dtype) -> List[Dict[str, object]]:
     torch.manual_seed(0)
     layer = BiLevelRoutingAttention(shape.dim, shape.heads, shape.n_win, shape.dim, shape.topk).cuda().to(dtype)
+    port = OfficialBRAPort.from_visattn(layer)
     x = torch.randn(shape.batch, shape.size, shape.size, shape.dim, device="cuda", dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     rows = []
     outputs = {}
     for mode in ("fwd", "fwd+bwd"):
-        row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "peak_bytes": {}}
-        for backend in BACKENDS:
-            layer.backend = backend
+        row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "graph_ms": {}, "peak_bytes": {}}
+        for name in COMPETITORS:
+            module = port if name == "official" else layer
+            if name != "official":
+                layer.backend = name
+            fn = _step(module, x, grad, mode)
             if mode == "fwd":
-                def fn():
-                    with torch.no_grad():
-                        return layer(x)
-                outputs[backend] = fn().float()
-            else:
-                def fn():
-                    layer(x).backward(grad)
-            row["ms"][backend] = time_ms(fn, grad_to_none=[x, *layer.parameters()] if mode != "fwd" else None)
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            row["peak_bytes"][backend] = peak_extra_bytes(fn)
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
+                outputs[name] = fn().float()
+            params = [x, *module.parameters()]
+            row["ms"][name] = time_ms(fn, grad_to_none=params if mode != "fwd" else None)
+            for p in params:
+                p.grad = None
+            row["peak_bytes"][name] = peak_extra_bytes(fn)
+            row["graph_ms"][name] = graph_time_ms(fn)
+            for p in params:
+                p.grad = None
         rows.append(row)
-    rows[0]["max_abs_diff"] = (outputs["triton"] - outputs["gather"]).abs().max().item()
+    rows[0]["max_abs_diff"] = {name: (outputs["triton"] - outputs[name]).abs().max().item() for name in ("gather", "official")}
     return rows
 
 
 def summarize(rows: List[Dict[str, object]]) -> str:
     table = []
     for row in rows:
-        ms, peak = row["ms"], row["peak_bytes"]
-        table.append({
-            "shape": row["shape"], "mode": row["mode"],
-            "triton ms": f"{ms['triton']:.3f}", "gather ms": f"{ms['gather']:.3f}",
-            "speedup": f"{ms['gather'] / ms['triton']:.2f}x",
-            "triton peak MiB": f"{peak['triton'] / 2**20:.0f}", "gather peak MiB": f"{peak['gather'] / 2**20:.0f}",
-            "peak ratio": f"{peak['triton'] / max(1, peak['gather']):.2f}",
-            "max |diff|": f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else "",
-        })
+        entry = {"shape": row["shape"], "mode": row["mode"]}
+        for timing, key in zip(TIMINGS, ("ms", "graph_ms")):
+            ms = row[key]
+            for name in COMPETITORS:
+                entry[f"{name} {timing} ms"] = f"{ms[name]:.3f}"
+            entry[f"{timing} speedup"] = f"{ms[BASELINE] / ms['triton']:.2f}x"
+        peak = row["peak_bytes"]
+        for name in COMPETITORS:
+            entry[f"{name} MiB"] = f"{peak[name] / 2**20:.0f}"
+        entry["peak ratio"] = f"{peak['triton'] / max(1, peak[BASELINE]):.2f}"
+        diff = row.get("max_abs_diff")
+        entry["max |diff|"] = f"{max(diff.values()):.1e}" if diff else ""
+        table.append(entry)
     return format_table(table, list(table[0]))
 
 
@@ -95,18 +122,20 @@ def plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+    labels = {"triton": "visattn triton", "gather": "visattn layer, gather backend", "official": "official layer (port)"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 8))
+    for col, mode in enumerate(("fwd", "fwd+bwd")):
         mode_rows = [r for r in rows if r["mode"] == mode]
         xs = range(len(mode_rows))
-        for i, backend in enumerate(BACKENDS):
-            ax.bar([x + 0.4 * i for x in xs], [r["ms"][backend] for r in mode_rows], 0.4,
-                   label="gather (official algorithm)" if backend == "gather" else "visattn triton")
-        ax.set_xticks([x + 0.2 for x in xs])
-        ax.set_xticklabels([r["shape"] for r in mode_rows], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("ms (median)")
-        ax.set_title(mode)
-    axes[0].legend(fontsize=8)
+        for ax, timing, key in zip(axes[:, col], TIMINGS, ("ms", "graph_ms")):
+            width = 0.8 / len(COMPETITORS)
+            for i, name in enumerate(COMPETITORS):
+                ax.bar([x + width * i for x in xs], [r[key][name] for r in mode_rows], width, label=labels[name])
+            ax.set_xticks([x + 0.4 - width / 2 for x in xs])
+            ax.set_xticklabels([r["shape"] for r in mode_rows], rotation=20, ha="right", fontsize=8)
+            ax.set_ylabel("ms (median)")
+            ax.set_title(f"{mode}, {timing}")
+    axes[0, 0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,6 +33,10 @@ class BiFormerBlock(NHWCTransformerBlock):
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last memory (a no-op after the first block of a stage) makes the NHWC view of
+        # the map dense, so the transformer block's ops and residual adds run on contiguous tensors
+        # and the depthwise convs on cuDNN's NHWC kernels; the block output stays channels-last.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = x + self.pos_embed(x)
         return self.residual_branches(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
