@@ -9,7 +9,7 @@ block-sparse schemes (fixed local + global blocks, learned routers) pass their o
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,20 +41,23 @@ def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-    layout = "[B, regions, tokens_per_region, heads, head_dim]"
+def _check_5d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn: str, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 5:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"routed_attention: {name} must be a 5-D tensor {layout}, got {got}")
-    if k.shape[:2] != v.shape[:2] or k.shape[2:4] != v.shape[2:4]:
-        raise ValueError(f"routed_attention: k and v must agree in every dim but head_dim, got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ValueError(f"{fn}: {name} must be a 5-D tensor {layout}, got {got}")
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, fn: str, query_regions: int) -> None:
+    """Agreement of q / k / v (already 5-D) and the index ``[B, query_regions, topk]``."""
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{fn}: k and v must agree in every dim but head_dim, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3:] != k.shape[3:]:
-        raise ValueError(f"routed_attention: q and k must share batch, heads and head_dim, got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"{fn}: q and k must share batch, heads and head_dim, got {tuple(q.shape)} and {tuple(k.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"routed_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if index.dtype != torch.int64 or index.dim() != 3 or index.shape[:2] != q.shape[:2]:
-        raise ValueError(f"routed_attention: index must be int64 [B, query_regions, topk] = [{q.shape[0]}, {q.shape[1]}, topk], "
+        raise ValueError(f"{fn}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if index.dtype != torch.int64 or index.dim() != 3 or tuple(index.shape[:2]) != (q.shape[0], query_regions):
+        raise ValueError(f"{fn}: index must be int64 [B, query_regions, topk] = [{q.shape[0]}, {query_regions}, topk], "
                          f"got {index.dtype} {tuple(index.shape)}")
 
 
@@ -89,6 +92,26 @@ def routed_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 _BACKENDS = ("auto", "reference", "gather", "triton")
 
 
+def _checked_backend(q: torch.Tensor, v: torch.Tensor, index: torch.Tensor, key_regions: int, backend: str,
+                     check_index: bool, fn: str) -> str:
+    """The backend that runs the call ("auto" resolved), after the index range check."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"{fn}: unknown backend {backend!r}; expected one of {_BACKENDS}")
+    if check_index and index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
+        # Out-of-range regions would be read from arbitrary memory by the fused kernels.
+        in_range = (index >= 0).all() & (index < key_regions).all()
+        if index.is_cuda:
+            torch._assert_async(in_range, f"{fn}: index holds a region outside [0, key_regions)")
+        elif not bool(in_range):
+            raise ValueError(f"{fn}: index must hold key-region numbers in [0, {key_regions}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+    if backend == "auto":
+        backend = "triton" if auto_picks_triton("routed attention", q, v, unsupported_reason, stacklevel=3) else "reference"
+    if backend == "triton" and routed_triton is None:
+        raise ValueError(f"{fn}: backend='triton' needs triton, which this torch build lacks")
+    return backend
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
                      scale: Optional[float] = None, backend: str = "auto", check_index: bool = True) -> torch.Tensor:
     """Every query of region ``r`` attends to all tokens of the key regions ``index[b, r, :]``.
@@ -110,25 +133,69 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         ``[B, Rq, Tq, heads, Dv]``: ``softmax(scale q K_r^T) V_r`` with ``K_r, V_r`` the
         concatenated ``topk * Tk`` routed tokens.
     """
-    _check(q, k, v, index)
-    if backend not in _BACKENDS:
-        raise ValueError(f"routed_attention: unknown backend {backend!r}; expected one of {_BACKENDS}")
-    if check_index and index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
-        # Out-of-range regions would be read from arbitrary memory by the fused kernels.
-        in_range = (index >= 0).all() & (index < k.shape[1]).all()
-        if index.is_cuda:
-            torch._assert_async(in_range, "routed_attention: index holds a region outside [0, key_regions)")
-        elif not bool(in_range):
-            raise ValueError(f"routed_attention: index must hold key-region numbers in [0, {k.shape[1]}), got values in "
-                             f"[{int(index.min())}, {int(index.max())}]")
+    _check_5d(q, k, v, "routed_attention", "[B, regions, tokens_per_region, heads, head_dim]")
+    _check(q, k, v, index, "routed_attention", q.shape[1])
+    backend = _checked_backend(q, v, index, k.shape[1], backend, check_index, "routed_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        use_triton = auto_picks_triton("routed attention", q, v, unsupported_reason, stacklevel=2)
-        backend = "triton" if use_triton else "reference"
     if backend == "triton":
-        if routed_triton is None:
-            raise ValueError("routed_attention: backend='triton' needs triton, which this torch build lacks")
         return routed_triton(q, k, v, index, scale)
     if backend == "gather":
         return routed_attention_gather(q, k, v, index, scale)
     return routed_attention_reference(q, k, v, index, scale)
+
+
+def _region_grid(region_grid: Union[int, Sequence[int]], q: torch.Tensor) -> Tuple[int, int]:
+    grid = (region_grid, region_grid) if isinstance(region_grid, int) and not isinstance(region_grid, bool) else region_grid
+    try:
+        nh, nw = (int(n) for n in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"routed_attention_2d: region_grid must be an int or a pair of ints, got {region_grid!r}") from None
+    H, W = q.shape[1:3]
+    if nh < 1 or nw < 1 or H % nh or W % nw:
+        raise ValueError(f"routed_attention_2d: the {H}x{W} map must divide into region_grid {nh}x{nw} windows "
+                         f"(positive counts dividing H and W; pad the map first)")
+    return nh, nw
+
+
+def _to_regions(t: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    B, H, W, heads, D = t.shape
+    t = t.reshape(B, nh, H // nh, nw, W // nw, heads, D).permute(0, 1, 3, 2, 4, 5, 6)
+    return t.reshape(B, nh * nw, (H // nh) * (W // nw), heads, D)
+
+
+def _from_regions(t: torch.Tensor, nh: int, nw: int, H: int, W: int) -> torch.Tensor:
+    B, _, _, heads, D = t.shape
+    t = t.reshape(B, nh, nw, H // nh, W // nw, heads, D).permute(0, 1, 3, 2, 4, 5, 6)
+    return t.reshape(B, H, W, heads, D)
+
+
+def routed_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                        region_grid: Union[int, Sequence[int]], scale: Optional[float] = None, backend: str = "auto",
+                        check_index: bool = True) -> torch.Tensor:
+    """:func:`routed_attention` on 2-D maps whose regions are the windows of a grid (BiFormer's layout).
+
+    Args:
+        q, k, v: ``[B, H, W, heads, D]`` (v: ``Dv``), any strides (e.g. slices of one qkv
+            projection); the maps are cut into ``region_grid = (nh, nw)`` windows of
+            ``(H / nh) x (W / nw)`` tokens, numbered row-major. k and v share q's map size.
+        index: int64 ``[B, nh * nw, topk]`` key windows per query window.
+        region_grid: an int (square grid) or ``(nh, nw)``; must divide ``H`` and ``W``.
+        scale, backend, check_index: as :func:`routed_attention`.
+
+    Returns:
+        ``[B, H, W, heads, Dv]``: each query attends to the tokens of its routed windows. The
+        Triton kernels read and write the maps where they lie; the other backends go through the
+        region-major layout of :func:`routed_attention`.
+    """
+    _check_5d(q, k, v, "routed_attention_2d", "[B, H, W, heads, head_dim]")
+    nh, nw = _region_grid(region_grid, q)
+    _check(q, k, v, index, "routed_attention_2d", nh * nw)
+    if k.shape[1:3] != q.shape[1:3]:
+        raise ValueError(f"routed_attention_2d: k and v must be maps of q's size {tuple(q.shape[1:3])}, got {tuple(k.shape[1:3])}")
+    backend = _checked_backend(q, v, index, nh * nw, backend, check_index, "routed_attention_2d")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "triton":
+        return routed_triton(q, k, v, index, scale, (nh, nw))
+    regions = [_to_regions(t, nh, nw) for t in (q, k, v)]
+    attend = routed_attention_gather if backend == "gather" else routed_attention_reference
+    return _from_regions(attend(*regions, index, scale), nh, nw, q.shape[1], q.shape[2])

@@ -1,6 +1,8 @@
 """Fused Triton forward and backward of routed attention, reading K and V in place.
 
-Layout: q ``[B, Rq, Tq, heads, D]``, k / v ``[B, Rk, Tk, heads, D]``, routing index ``[B, Rq, topk]``.
+Layout: q ``[B, Rq, Tq, heads, D]``, k / v ``[B, Rk, Tk, heads, D]``, routing index ``[B, Rq, topk]``;
+or q / k / v ``[B, H, W, heads, D]`` maps whose regions are the windows of a ``region_grid``
+(the tokens are addressed where they lie in the map: no region-major copy in or out).
 
 Both walks are *packed*: rather than one step per routed region (16 steps of 4 keys at BiFormer
 stage 3, most of each tile masked off), a step covers ``BLOCK`` consecutive entries of the
@@ -23,7 +25,7 @@ as in the reference's concatenation.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -40,12 +42,21 @@ def _packed_rows(regions_ptr, offs_e, e_valid, TOKENS):
 
 
 @triton.jit
+def _offset(r, t, s_r, s_rc, s_t, s_tc, REGION_COLS, TOKEN_COLS):
+    """Memory offset of token ``t`` of region ``r``. Regions and the tokens of a region each lie on
+    a row-major grid of ``REGION_COLS`` / ``TOKEN_COLS`` columns with (row, column) strides
+    ``(s_r, s_rc)`` / ``(s_t, s_tc)``: 1 column is the ``[B, R, T, ...]`` layout, more are the
+    windows of a ``[B, H, W, ...]`` map (Triton specializes the 1s away)."""
+    return (r // REGION_COLS) * s_r + (r % REGION_COLS) * s_rc + (t // TOKEN_COLS) * s_t + (t % TOKEN_COLS) * s_tc
+
+
+@triton.jit
 def _routed_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
-    s_qb, s_qr, s_qt, s_qh, s_qd,
-    s_kb, s_kr, s_kt, s_kh, s_kd,
-    s_ob, s_or, s_ot, s_oh, s_od,
-    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale,
+    s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd,
+    s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
+    s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
+    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     q_tiles = tl.cdiv(TQ, BLOCK_Q)
@@ -57,8 +68,8 @@ def _routed_fwd_kernel(
     d_valid = offs_d < HEAD_DIM
     q_valid = offs_q < TQ
     q_mask = q_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
-                mask=q_mask, other=0.0)
+    q_rows = _offset(r, offs_q, s_qr, s_qrc, s_qt, s_qtc, REGION_COLS, TOKEN_COLS)
+    q = tl.load(q_ptr + b * s_qb + n * s_qh + q_rows[:, None] + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
@@ -71,7 +82,7 @@ def _routed_fwd_kernel(
         offs_e = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_e < num_keys
         kr, t = _packed_rows(routed, offs_e, k_valid, TK)
-        kv_off = kv_base + (kr * s_kr + t * s_kt)[:, None] + offs_d[None, :] * s_kd
+        kv_off = kv_base + _offset(kr, t, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)[:, None] + offs_d[None, :] * s_kd
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.where(k_valid[None, :], dot(q, tl.trans(k), IEEE), -1.0e30)
@@ -84,17 +95,18 @@ def _routed_fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(lse_ptr + (b * HEADS + n) * RQ * TQ + r * TQ + offs_q, m_i + tl.log2(l_i), mask=q_valid)
-    tl.store(out_ptr + b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od,
+    o_rows = _offset(r, offs_q, s_or, s_orc, s_ot, s_otc, REGION_COLS, TOKEN_COLS)
+    tl.store(out_ptr + b * s_ob + n * s_oh + o_rows[:, None] + offs_d[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _routed_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    s_qb, s_qr, s_qt, s_qh, s_qd,
-    s_kb, s_kr, s_kt, s_kh, s_kd,
-    s_ob, s_or, s_ot, s_oh, s_od,
-    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale, scale,
+    s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd,
+    s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
+    s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
+    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale, scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     # out, dO and dQ share the (contiguous) output strides s_o*.
@@ -107,10 +119,11 @@ def _routed_bwd_dq_kernel(
     d_valid = offs_d < HEAD_DIM
     q_valid = offs_q < TQ
     q_mask = q_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + b * s_qb + r * s_qr + n * s_qh + offs_q[:, None] * s_qt + offs_d[None, :] * s_qd,
-                mask=q_mask, other=0.0)
+    q_rows = _offset(r, offs_q, s_qr, s_qrc, s_qt, s_qtc, REGION_COLS, TOKEN_COLS)
+    q = tl.load(q_ptr + b * s_qb + n * s_qh + q_rows[:, None] + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
-    o_off = b * s_ob + r * s_or + n * s_oh + offs_q[:, None] * s_ot + offs_d[None, :] * s_od
+    o_rows = _offset(r, offs_q, s_or, s_orc, s_ot, s_otc, REGION_COLS, TOKEN_COLS)
+    o_off = b * s_ob + n * s_oh + o_rows[:, None] + offs_d[None, :] * s_od
     do = tl.load(do_ptr + o_off, mask=q_mask, other=0.0)
     o = tl.load(out_ptr + o_off, mask=q_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -126,7 +139,7 @@ def _routed_bwd_dq_kernel(
         offs_e = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_e < num_keys
         kr, t = _packed_rows(routed, offs_e, k_valid, TK)
-        kv_off = kv_base + (kr * s_kr + t * s_kt)[:, None] + offs_d[None, :] * s_kd
+        kv_off = kv_base + _offset(kr, t, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)[:, None] + offs_d[None, :] * s_kd
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -142,11 +155,11 @@ def _routed_bwd_dq_kernel(
 @triton.jit
 def _routed_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, csr_offsets_ptr, csr_regions_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    s_qb, s_qr, s_qt, s_qh, s_qd,
-    s_kb, s_kr, s_kt, s_kh, s_kd,
-    s_ob, s_or, s_ot, s_oh, s_od,
-    s_gb, s_gr, s_gt, s_gh, s_gd,
-    RQ, RK, TQ, TK, TOPK, HEADS, HEAD_DIM, qk_scale,
+    s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd,
+    s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
+    s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
+    s_gb, s_gr, s_grc, s_gt, s_gtc, s_gh, s_gd,
+    RQ, RK, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     # s_o*: dO's strides; s_g*: those of the (contiguous) dK and dV.
@@ -159,7 +172,8 @@ def _routed_bwd_dkdv_kernel(
     d_valid = offs_d < HEAD_DIM
     k_valid = offs_k < TK
     k_mask = k_valid[:, None] & d_valid[None, :]
-    kv_off = b * s_kb + kr * s_kr + n * s_kh + offs_k[:, None] * s_kt + offs_d[None, :] * s_kd
+    k_rows = _offset(kr, offs_k, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)
+    kv_off = b * s_kb + n * s_kh + k_rows[:, None] + offs_d[None, :] * s_kd
     k = tl.load(k_ptr + kv_off, mask=k_mask, other=0.0)
     v = tl.load(v_ptr + kv_off, mask=k_mask, other=0.0)
 
@@ -176,11 +190,11 @@ def _routed_bwd_dkdv_kernel(
         r, t = _packed_rows(routing, offs_e, q_valid, TQ)
         r = r.to(tl.int64)
         q_mask = q_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_ptr + b * s_qb + n * s_qh + (r * s_qr + t * s_qt)[:, None] + offs_d[None, :] * s_qd,
-                    mask=q_mask, other=0.0)
+        q_rows = _offset(r, t, s_qr, s_qrc, s_qt, s_qtc, REGION_COLS, TOKEN_COLS)
+        q = tl.load(q_ptr + b * s_qb + n * s_qh + q_rows[:, None] + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
         q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
-        do = tl.load(do_ptr + b * s_ob + n * s_oh + (r * s_or + t * s_ot)[:, None] + offs_d[None, :] * s_od,
-                     mask=q_mask, other=0.0)
+        o_rows = _offset(r, t, s_or, s_orc, s_ot, s_otc, REGION_COLS, TOKEN_COLS)
+        do = tl.load(do_ptr + b * s_ob + n * s_oh + o_rows[:, None] + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
         stat_off = stat_base + r * TQ + t
         lse = tl.load(lse_ptr + stat_off, mask=q_valid, other=0.0)
         delta = tl.load(delta_ptr + stat_off, mask=q_valid, other=0.0)
@@ -194,7 +208,8 @@ def _routed_bwd_dkdv_kernel(
             dv += dot(p_t.to(do.dtype), do, IEEE)
             dk += dot(ds_t.to(q.dtype), q, IEEE)
     dk = dk * (1.0 / 1.4426950408889634)  # q carried scale * log2(e); dK needs scale alone
-    g_off = b * s_gb + kr * s_gr + n * s_gh + offs_k[:, None] * s_gt + offs_d[None, :] * s_gd
+    g_rows = _offset(kr, offs_k, s_gr, s_grc, s_gt, s_gtc, REGION_COLS, TOKEN_COLS)
+    g_off = b * s_gb + n * s_gh + g_rows[:, None] + offs_d[None, :] * s_gd
     tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
@@ -222,19 +237,51 @@ def _tiles(tq: int, tk: int, topk: int, head_dim: int) -> _Tiles:
                   d=max(16, triton.next_power_of_2(head_dim)))
 
 
-def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward; returns the output (contiguous) and the base-2 log-sum-exp ``[B, heads, Rq*Tq]``."""
+class _Geometry(NamedTuple):
+    """Regions of one call: counts and tokens of the query / key regions, and the column counts of
+    :func:`_offset` (1 and 1 for ``[B, R, T, heads, D]`` tensors)."""
+    rq: int
+    tq: int
+    rk: int
+    tk: int
+    region_cols: int
+    token_cols: int
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, region_grid: Optional[Sequence[int]]) -> _Geometry:
+    if region_grid is None:
+        return _Geometry(q.shape[1], q.shape[2], k.shape[1], k.shape[2], 1, 1)
+    nh, nw = region_grid
+    h, w = q.shape[1] // nh, q.shape[2] // nw
+    return _Geometry(nh * nw, h * w, nh * nw, h * w, nw, w)
+
+
+def _strides(t: torch.Tensor, region_grid: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """``(batch, region row, region column, token row, token column, head, dim)`` strides of ``t``
+    (``[B, R, T, heads, D]``, or a ``[B, H, W, heads, D]`` map cut into ``region_grid`` windows)."""
+    if region_grid is None:
+        sb, sr, st, sh, sd = t.stride()
+        return sb, sr, 0, st, 0, sh, sd
+    sb, sy, sx, sh, sd = t.stride()
+    h, w = t.shape[1] // region_grid[0], t.shape[2] // region_grid[1]
+    return sb, h * sy, w * sx, sy, sx, sh, sd
+
+
+def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
+                   region_grid: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward; returns the output (contiguous, q's layout) and the base-2 log-sum-exp
+    ``[B, heads, Rq*Tq]`` (region-major)."""
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
-    B, Rq, Tq, heads, D = q.shape
-    Tk, topk = k.shape[2], index.shape[-1]
-    tiles = _tiles(Tq, Tk, topk, D)
+    geo = _geometry(q, k, region_grid)
+    B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
+    topk = index.shape[-1]
+    tiles = _tiles(geo.tq, geo.tk, topk, D)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, heads, Rq * Tq), dtype=torch.float32, device=q.device)
-    _routed_fwd_kernel[(Rq * triton.cdiv(Tq, tiles.q), B * heads)](
-        q, k, v, index, out, lse, *q.stride(), *k.stride(), *out.stride(),
-        Rq, Tq, Tk, topk, heads, D, scale * LOG2E,
+    lse = torch.empty((B, heads, geo.rq * geo.tq), dtype=torch.float32, device=q.device)
+    _routed_fwd_kernel[(geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads)](
+        q, k, v, index, out, lse, *_strides(q, region_grid), *_strides(k, region_grid), *_strides(out, region_grid),
+        geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E,
         BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=q.dtype == torch.float32,
     )
     return out, lse
@@ -253,30 +300,32 @@ def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Te
 
 
 def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: ``(dq, dk, dv)`` in the inputs' dtypes (accumulated in fp32)."""
+                    out: torch.Tensor, lse: torch.Tensor, scale: float,
+                    region_grid: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: ``(dq, dk, dv)`` in the inputs' dtypes and layouts (accumulated in fp32)."""
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()
-    B, Rq, Tq, heads, D = q.shape
-    Rk, Tk = k.shape[1], k.shape[2]
+    geo = _geometry(q, k, region_grid)
+    B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
     topk = index.shape[-1]
-    tiles = _tiles(Tq, Tk, topk, D)
+    tiles = _tiles(geo.tq, geo.tk, topk, D)
     dq = torch.empty(out.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     ieee = q.dtype == torch.float32
-    _routed_bwd_dq_kernel[(Rq * triton.cdiv(Tq, tiles.q), B * heads)](
-        q, k, v, index, out, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *out.stride(),
-        Rq, Tq, Tk, topk, heads, D, scale * LOG2E, scale,
+    q_strides, k_strides, o_strides = _strides(q, region_grid), _strides(k, region_grid), _strides(out, region_grid)
+    _routed_bwd_dq_kernel[(geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads)](
+        q, k, v, index, out, grad_out, lse, delta, dq, *q_strides, *k_strides, *o_strides,
+        geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E, scale,
         BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee,
     )
-    offsets, regions = _invert_routing(index, Rk)
-    _routed_bwd_dkdv_kernel[(Rk * triton.cdiv(Tk, tiles.k2), B * heads)](
+    offsets, regions = _invert_routing(index, geo.rk)
+    _routed_bwd_dkdv_kernel[(geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads)](
         q, k, v, offsets, regions, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *grad_out.stride(), *dk.stride(),
-        Rq, Rk, Tq, Tk, topk, heads, D, scale * LOG2E,
+        *q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
+        geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E,
         BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee,
     )
     return dq, dk, dv
@@ -284,39 +333,41 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 # Eager calls use the autograd.Function below; traced calls (torch.compile) use these custom ops
 # with fake implementations, as for neighborhood attention (kernels/triton_na.py says why).
+# ``region_grid`` is ``[]`` for ``[B, R, T, heads, D]`` tensors (custom ops take no Optional lists).
 @torch.library.custom_op("visattn::routed_forward", mutates_args=())
 def _routed_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return routed_forward(q, k, v, index, scale)
+                       scale: float, region_grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return routed_forward(q, k, v, index, scale, region_grid or None)
 
 
 @_routed_forward_op.register_fake
-def _(q, k, v, index, scale):
-    B, Rq, Tq, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, heads, Rq * Tq), dtype=torch.float32)
+def _(q, k, v, index, scale, region_grid):
+    B, heads = q.shape[0], q.shape[-2]
+    return q.new_empty(q.shape), q.new_empty((B, heads, q.shape[1] * q.shape[2]), dtype=torch.float32)
 
 
 @torch.library.custom_op("visattn::routed_backward", mutates_args=())
 def _routed_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return routed_backward(grad_out, q, k, v, index, out, lse, scale)
+                        out: torch.Tensor, lse: torch.Tensor, scale: float,
+                        region_grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return routed_backward(grad_out, q, k, v, index, out, lse, scale, region_grid or None)
 
 
 @_routed_backward_op.register_fake
-def _(grad_out, q, k, v, index, out, lse, scale):
+def _(grad_out, q, k, v, index, out, lse, scale, region_grid):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, index, scale = inputs
+    q, k, v, index, scale, region_grid = inputs
     ctx.save_for_backward(q, k, v, index, *output)
-    ctx.scale = scale
+    ctx.scale, ctx.region_grid = scale, region_grid
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, index, out, lse = ctx.saved_tensors
-    dq, dk, dv = _routed_backward_op(grad_out, q, k, v, index, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _routed_backward_op(grad_out, q, k, v, index, out, lse, ctx.scale, ctx.region_grid)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("visattn::routed_forward", _backward, setup_context=_setup_context)
@@ -324,24 +375,26 @@ torch.library.register_autograd("visattn::routed_forward", _backward, setup_cont
 
 class _RoutedTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, scale):
-        out, lse = routed_forward(q, k, v, index, scale)
+    def forward(ctx, q, k, v, index, scale, region_grid):
+        out, lse = routed_forward(q, k, v, index, scale, region_grid)
         ctx.save_for_backward(q, k, v, index, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.region_grid = scale, region_grid
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, index, out, lse = ctx.saved_tensors
-        dq, dk, dv = routed_backward(grad_out, q, k, v, index, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = routed_backward(grad_out, q, k, v, index, out, lse, ctx.scale, ctx.region_grid)
+        return dq, dk, dv, None, None, None
 
 
-def routed_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
-    """The ``"triton"`` backend of :func:`visattn.kernels.routed_attention`."""
+def routed_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
+                  region_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visattn.kernels.routed_attention` (``region_grid=None``)
+    and :func:`visattn.kernels.routed_attention_2d`."""
     reason = unsupported_reason(q, v)
     if reason is not None:
         raise ValueError(f"the triton routed-attention backend does not support {reason}")
     if torch.compiler.is_compiling():
-        return _routed_forward_op(q, k, v, index.contiguous(), scale)[0]
-    return _RoutedTriton.apply(q, k, v, index.contiguous(), scale)
+        return _routed_forward_op(q, k, v, index.contiguous(), scale, list(region_grid or ()))[0]
+    return _RoutedTriton.apply(q, k, v, index.contiguous(), scale, region_grid)

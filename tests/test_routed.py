@@ -1,9 +1,9 @@
-"""The routed-attention op: its reference against dense masked attention, deterministic routing,
-and bad input."""
+"""The routed-attention ops (region-major and 2-D windows of a map): the references against dense
+masked attention, deterministic routing, the Triton backend against the reference, and bad input."""
 import pytest
 import torch
 
-from visattn.kernels import region_topk, routed_attention
+from visattn.kernels import region_topk, routed_attention, routed_attention_2d
 
 
 def _dense_masked(q, k, v, index, scale):
@@ -175,3 +175,96 @@ def test_triton_under_torch_compile_fullgraph():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# --- routed_attention_2d: the windows of a [B, H, W, heads, D] map are the regions ---------------
+
+def _dense_masked_2d(q, k, v, index, grid, scale):
+    """Full attention over the map's tokens, masked to the routed windows (an independent path)."""
+    B, H, W, heads, D = q.shape
+    nh, nw = grid
+    window = (torch.arange(H)[:, None] // (H // nh)) * nw + torch.arange(W)[None, :] // (W // nw)  # [H, W]
+    window = window.reshape(-1)
+    allowed = torch.zeros(B, nh * nw, nh * nw, dtype=torch.bool).scatter_(2, index.cpu(), True)
+    mask = allowed[:, window][:, :, window].to(q.device)  # [B, HW, HW]: query token's window routed the key's
+    qf, kf, vf = (t.reshape(B, H * W, heads, -1).transpose(1, 2) for t in (q, k, v))
+    logits = (qf @ kf.transpose(-1, -2)) * scale
+    out = logits.masked_fill(~mask[:, None], float("-inf")).softmax(-1) @ vf
+    return out.transpose(1, 2).reshape(B, H, W, heads, v.shape[-1])
+
+
+def _routing(B, regions, topk, device=DEVICE):
+    return torch.stack([torch.randperm(regions)[:topk] for _ in range(B * regions)]).view(B, regions, topk).to(device)
+
+
+@pytest.mark.parametrize("H, W, grid, topk", [(6, 10, (2, 5), 3), (9, 6, (3, 2), 6), (4, 4, 1, 1)])
+def test_2d_reference_matches_dense_masked_attention(H, W, grid, topk):
+    q, k = (torch.randn(2, H, W, 2, 8, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, H, W, 2, 5, dtype=torch.float64)
+    nh, nw = (grid, grid) if isinstance(grid, int) else grid
+    index = _routing(2, nh * nw, topk, "cpu")
+    got = routed_attention_2d(q, k, v, index, grid, 0.4, backend="reference")
+    torch.testing.assert_close(got, _dense_masked_2d(q, k, v, index, (nh, nw), 0.4))
+    torch.testing.assert_close(routed_attention_2d(q, k, v, index, grid, 0.4, backend="gather"), got)
+
+
+@pytest.mark.parametrize("H, W, grid, topk, heads, D", [
+    (8, 8, (2, 2), 2, 2, 16),     # square windows of 16 tokens
+    (9, 10, (3, 2), 4, 2, 24),    # 3x5 windows (ragged tiles), Rq = 6, head_dim 24
+    (12, 14, (2, 7), 9, 1, 16),   # 6x2 windows, 108 packed keys over two steps
+], ids=["square", "ragged", "two-steps"])
+def test_2d_triton_matches_reference_on_qkv_slices(H, W, grid, topk, heads, D):
+    """Forward and every gradient, q / k / v sliced from one projection map (as BiFormer has them)."""
+    qkv = torch.randn(2, H, W, 3 * heads * D, device=DEVICE, requires_grad=True)
+    index = _routing(2, grid[0] * grid[1], topk)
+    grad = torch.randn(2, H, W, heads, D, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        q, k, v = (t.unflatten(-1, (heads, D)) for t in qkv.split(heads * D, dim=-1))
+        out = routed_attention_2d(q, k, v, index, grid, 0.3, backend=backend)
+        results.append((out, *torch.autograd.grad(out, qkv, grad)))
+    for name, g, w in zip(["out", "dqkv"], *results):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_2d_triton_repeated_and_unrouted_windows():
+    """A window picked twice counts twice; a window nobody picked gets zero dk / dv."""
+    q, k, v = (torch.randn(1, 6, 6, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    index = torch.randint(0, 3, (1, 4, 3), device=DEVICE)  # windows 0..2 of 4, repeats likely
+    index[0, 0] = torch.tensor([1, 1, 0])
+    got = routed_attention_2d(q, k, v, index, 2, backend="triton")
+    want = routed_attention_2d(q, k, v, index, 2, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    g_t, g_r = (torch.autograd.grad(o, (q, k, v), grad) for o in (got, want))
+    for g, w in zip(g_t, g_r):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not g_t[1][:, 3:, 3:].any() and not g_t[2][:, 3:, 3:].any(), "window 3 was never routed"
+
+
+def test_2d_triton_under_torch_compile_fullgraph():
+    q, k, v = (torch.randn(1, 4, 6, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    index = _routing(1, 4, 2)
+    fn = torch.compile(lambda q, k, v: routed_attention_2d(q, k, v, index, (2, 2), backend="triton"),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v)
+    ref = routed_attention_2d(q, k, v, index, (2, 2), backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, k, v, i: routed_attention_2d(q[0], k, v, i, 2), r"q must be a 5-D tensor \[B, H, W, heads"),
+    (lambda q, k, v, i: routed_attention_2d(q, k, v, i, 3), r"the 4x6 map must divide into region_grid 3x3"),
+    (lambda q, k, v, i: routed_attention_2d(q, k, v, i, (2, 0)), r"region_grid 2x0"),
+    (lambda q, k, v, i: routed_attention_2d(q, k, v, i, "2"), r"region_grid must be an int or a pair of ints"),
+    (lambda q, k, v, i: routed_attention_2d(q, k, v, i, (1, 2)), r"index must be int64 \[B, query_regions, topk\] = \[1, 2, topk\]"),
+    (lambda q, k, v, i: routed_attention_2d(q, k[:, :2], v[:, :2], i, 2), r"k and v must be maps of q's size \(4, 6\)"),
+    (lambda q, k, v, i: routed_attention_2d(q, k, v, i + 4, 2), r"index must hold key-region numbers in \[0, 4\)"),
+])
+def test_2d_bad_input(call, match):
+    q, k, v = (torch.randn(1, 4, 6, 2, 8) for _ in range(3))
+    index = torch.zeros(1, 4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v, index)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from visattn.kernels import region_topk, routed_attention
+from visattn.kernels import region_topk, routed_attention_2d
 
 
 @register_notrace_module  # shape-dependent padding and routing: a leaf for torch.fx
@@ -44,24 +44,20 @@ class BiLevelRoutingAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, auto_pad={self.auto_pad}"
 
-    def _regions(self, qkv: torch.Tensor) -> torch.Tensor:
-        """``[B, H, W, C]`` -> ``[B, n_win**2, tokens_per_region, C]`` (row-major regions, one copy)."""
-        B, H, W, C = qkv.shape
-        n = self.n_win
-        t = qkv.reshape(B, n, H // n, n, W // n, C).permute(0, 1, 3, 2, 4, 5)
-        return t.reshape(B, n * n, (H // n) * (W // n), C)
-
     @torch.jit.ignore
-    def _attend(self, qkv_r: torch.Tensor, C: int) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, C: int) -> torch.Tensor:
         # Kept out of TorchScript: routing and the op dispatch to Python backends.
-        B, R, T, _ = qkv_r.shape
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in qkv_r.split([self.qk_dim, self.qk_dim, C], dim=-1))
-        # Region descriptors: mean q / k per region, detached (the released models route without gradient).
-        q_desc = q.detach().mean(2).reshape(B, R, -1)
-        k_desc = k.detach().mean(2).reshape(B, R, -1)
+        B, H, W, _ = qkv.shape
+        n = self.n_win
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, C], dim=-1)
+        # Region descriptors: mean q / k per window, detached (the released models route without gradient).
+        q_desc, k_desc = (t.detach().reshape(B, n, H // n, n, W // n, -1).mean((2, 4)).reshape(B, n * n, -1)
+                          for t in (q, k))
         index = region_topk(q_desc * self.scale, k_desc, self.topk)
-        # region_topk's indices lie in [0, R) by construction: no range check needed.
-        return routed_attention(q, k, v, index, self.scale, self.backend, check_index=False)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
+        # region_topk's indices lie in [0, n_win**2) by construction: no range check needed.
+        out = routed_attention_2d(q, k, v, index, n, self.scale, self.backend, check_index=False)
+        return out.reshape(B, H, W, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -72,11 +68,8 @@ class BiLevelRoutingAttention(nn.Module):
                 raise ValueError(f"BiLevelRoutingAttention: the map ({H}x{W}) must be divisible by n_win={n} "
                                  f"(or build the model with auto_pad=True)")
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
         qkv = self.qkv(x)
-        out = self._attend(self._regions(qkv), C)
-        h, w = Hp // n, Wp // n
-        out = out.reshape(B, n, n, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        out = self._attend(qkv, C)
         out = out + self.lepe(qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
