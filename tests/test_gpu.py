@@ -133,6 +133,28 @@ def test_triton_routed_matches_fp64_reference(Rq, T, topk, heads, dtype):
         assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("dtype", list(NA_TOLERANCE), ids=str)
+@pytest.mark.parametrize("size, n_win, topk, heads", [(56, 7, 1, 2), (28, 7, 4, 4), (14, 7, 16, 8), (64, 8, 4, 4)],
+                         ids=["s1-224", "s2-224", "s3-224", "s2-512"])
+def test_triton_routed_2d_matches_fp64_reference(size, n_win, topk, heads, dtype):
+    """The map-layout kernels on slices of one qkv map, as BiFormer calls them."""
+    from visattn.kernels import routed_attention_2d
+
+    R = n_win * n_win
+    qkv = torch.randn(2, size, size, 3 * heads * 32, device="cuda")
+    index = torch.stack([torch.randperm(R, device="cuda")[:topk] for _ in range(2 * R)]).view(2, R, topk)
+    grad = torch.randn(2, size, size, heads, 32, device="cuda")
+    results = []
+    for cast, backend in ((dtype, "triton"), (torch.float64, "reference")):
+        x = qkv.to(cast).requires_grad_()
+        q, k, v = (t.unflatten(-1, (heads, 32)) for t in x.split(heads * 32, dim=-1))
+        out = routed_attention_2d(q, k, v, index, n_win, backend=backend)
+        results.append((out, *torch.autograd.grad(out, x, grad.to(cast))))
+    for name, g, w in zip(["out", "dqkv"], *results):
+        rel = ((g.double() - w).norm() / w.norm()).item()
+        assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_upscale_autocast_on_cuda(dtype):
     """visattn.sr.upscale under fp16 / bf16 autocast on CUDA: close to the fp32 run, tiled or not,
