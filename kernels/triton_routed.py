@@ -14,13 +14,11 @@ concatenated sequence, each row gathered from its own region.
   softmax (base 2) gives the output and the log-sum-exp.
 * Backward, query-centric: the same walk recomputes P, accumulates dQ in registers and writes
   ``delta = rowsum(dO * O)``.
-* Backward, key-centric: the routing is inverted (one sort, one binary search) into a CSR list
-  (for each key region, the query regions that routed to it); a program owns ``BLOCK_K2`` keys of
-  one region and walks its share of the ``count * Tq`` queries of those regions in packed steps of
-  ``BLOCK_Q2`` (query ``e`` is token ``e % Tq`` of the list's region ``e // Tq``), accumulating
-  dK and dV in registers. Up to 8 programs share a list and add their fp32 partial sums
-  atomically (routing is uneven: at initialization one key region can be picked by most query
-  regions); under ``torch.use_deterministic_algorithms`` one program walks it and stores.
+* Backward, key-centric: the routing is inverted on the host into a CSR list (for each key region,
+  the query regions that routed to it); a program owns ``BLOCK_K2`` keys of one region and walks
+  the ``count * Tq`` queries of those regions in packed steps of ``BLOCK_Q2`` (query ``e`` is
+  token ``e % Tq`` of the list's region ``e // Tq``), accumulating dK and dV in registers: no
+  atomics.
 
 A region routed twice by one query region appears twice in both walks, so its tokens count twice,
 as in the reference's concatenation.
@@ -161,14 +159,10 @@ def _routed_bwd_dkdv_kernel(
     s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
     s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
     s_gb, s_gr, s_grc, s_gt, s_gtc, s_gh, s_gd,
-    RQ, RK, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale, SPLITS,
+    RQ, RK, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    ATOMIC: tl.constexpr,
 ):
-    # s_o*: dO's strides; s_g*: those of the (contiguous) dK and dV. A key region's list of routing
-    # query regions is shared evenly by SPLITS programs (axis 2): one popular region (at random
-    # init most query regions pick the same one) would otherwise serialize the whole backward.
-    # With ATOMIC (SPLITS > 1) they add into fp32 dK / dV zeroed by the host.
+    # s_o*: dO's strides; s_g*: those of the (contiguous) dK and dV.
     k_tiles = tl.cdiv(TK, BLOCK_K)
     kr = tl.program_id(0) // k_tiles
     offs_k = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -187,11 +181,8 @@ def _routed_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     start = tl.load(csr_offsets_ptr + b * (RK + 1) + kr)
     end = tl.load(csr_offsets_ptr + b * (RK + 1) + kr + 1)
-    per_split = tl.cdiv(end - start, SPLITS)
-    first = tl.program_id(2) * per_split
-    routing = csr_regions_ptr + b * RQ * TOPK + start + first
-    # Zero for a key region no query region picked (dK = dV = 0) and for empty splits.
-    num_queries = tl.maximum(tl.minimum(end - start - first, per_split), 0) * TQ
+    routing = csr_regions_ptr + b * RQ * TOPK + start
+    num_queries = (end - start) * TQ  # zero for a key region no query region picked: dK = dV = 0
     stat_base = (b * HEADS + n) * RQ * TQ
     for q0 in range(0, num_queries, BLOCK_Q):
         offs_e = q0 + tl.arange(0, BLOCK_Q)
@@ -219,13 +210,8 @@ def _routed_bwd_dkdv_kernel(
     dk = dk * (1.0 / 1.4426950408889634)  # q carried scale * log2(e); dK needs scale alone
     g_rows = _offset(kr, offs_k, s_gr, s_grc, s_gt, s_gtc, REGION_COLS, TOKEN_COLS)
     g_off = b * s_gb + n * s_gh + g_rows[:, None] + offs_d[None, :] * s_gd
-    if ATOMIC:
-        if num_queries > 0:
-            tl.atomic_add(dk_ptr + g_off, dk, mask=k_mask, sem="relaxed")
-            tl.atomic_add(dv_ptr + g_off, dv, mask=k_mask, sem="relaxed")
-    else:
-        tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
 
 class _Tiles(NamedTuple):
@@ -313,18 +299,6 @@ def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Te
     return offsets, regions
 
 
-_MAX_DKDV_SPLITS = 8
-
-
-def _dkdv_splits(routes: int) -> int:
-    """Programs per key region of the dK / dV walk, for ``routes = Rq * topk`` routing entries:
-    up to 8, so a region picked by every query region costs 1/8 of its list per program; one
-    (plain stores, no atomics) under ``torch.use_deterministic_algorithms``."""
-    if torch.are_deterministic_algorithms_enabled():
-        return 1
-    return max(1, min(_MAX_DKDV_SPLITS, routes))
-
-
 def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, scale: float,
                     region_grid: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,12 +311,8 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     topk = index.shape[-1]
     tiles = _tiles(geo.tq, geo.tk, topk, D)
     dq = torch.empty(out.shape, dtype=q.dtype, device=q.device)
-    splits = _dkdv_splits(geo.rq * topk)
-    # Split walks add into fp32 (zeroed) gradients; a single walk stores the final dtype.
-    make = torch.zeros if splits > 1 else torch.empty
-    acc_dtype = torch.float32 if splits > 1 else k.dtype
-    dk = make(k.shape, dtype=acc_dtype, device=k.device)
-    dv = make(v.shape, dtype=acc_dtype, device=v.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     ieee = q.dtype == torch.float32
     q_strides, k_strides, o_strides = _strides(q, region_grid), _strides(k, region_grid), _strides(out, region_grid)
@@ -352,13 +322,13 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee,
     )
     offsets, regions = _invert_routing(index, geo.rk)
-    _routed_bwd_dkdv_kernel[(geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads, splits)](
+    _routed_bwd_dkdv_kernel[(geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads)](
         q, k, v, offsets, regions, grad_out, lse, delta, dk, dv,
         *q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
-        geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E, splits,
-        BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee, ATOMIC=splits > 1,
+        geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E,
+        BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 # Eager calls use the autograd.Function below; traced calls (torch.compile) use these custom ops
