@@ -148,3 +148,17 @@ def test_official_bra_port_has_the_official_layout():
 def test_bench_without_cuda_says_why(which):
     with pytest.raises(SystemExit, match="need a CUDA device"):
         main(["bench", which])
+
+
+def test_cli_imports_a_benchmark_only_to_run_it():
+    """Building the parser (every command does) leaves the benchmark modules unimported; a
+    benchmark's own options are parsed by its module's parser."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from visattn.cli import build_parser; build_parser().parse_args(['list']); "
+            "print(sorted(m for m in sys.modules if m.startswith('visattn.bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    with pytest.raises(SystemExit):
+        main(["bench", "model", "--timings", "sometimes"])

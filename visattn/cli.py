@@ -115,11 +115,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    # Imported here: the benchmarks pull in triton and (for plots) matplotlib.
-    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed, sr as bench_sr
+# The benchmarks and what each times; a benchmark's module (triton, flex_attention, matplotlib)
+# is imported only when it runs, so the other commands do not pay for it.
+BENCHMARKS = {
+    "na": "neighborhood attention: Triton vs flex_attention, natten, reference, dense SDPA",
+    "routed": "bi-level routing attention: Triton routed kernels vs the official layer and the gather",
+    "model": "training throughput: visattn models on each backend vs timm's Swin",
+    "sr": "super-resolution: HAT-S forward vs a faithful port of the official code; tiled 2048² HAT x4 memory",
+}
 
-    return {"na": bench_na, "routed": bench_routed, "model": bench_model, "sr": bench_sr}[args.bench].main(args)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"visattn.bench.{args.bench}")
+    parser = argparse.ArgumentParser(prog=f"visattn bench {args.bench}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(args.bench_args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +398,6 @@ def _check_sr_tiling(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``visattn`` argument parser: ``list``, ``info``, ``demo``, ``bench``, ``upscale`` and ``sr-eval``."""
-    from visattn.bench import model as bench_model, na as bench_na, routed as bench_routed, sr as bench_sr
-
     parser = argparse.ArgumentParser(prog="visattn", description="visattn: timm-compatible attention vision models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,info,demo,bench,upscale,sr-eval}")
 
@@ -404,16 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="GPU benchmarks: kernels against their alternatives, whole-model training")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="{na,routed,model,sr}")
-    for name, module, help_text in (
-        ("na", bench_na, "neighborhood attention: Triton vs flex_attention, natten, reference, dense SDPA"),
-        ("routed", bench_routed, "bi-level routing attention: Triton routed kernels vs the official gather"),
-        ("model", bench_model, "training throughput: visattn models on each backend vs timm's Swin"),
-        ("sr", bench_sr, "super-resolution: HAT-S forward vs a faithful port of the official code; "
-                         "tiled 2048² HAT x4 memory"),
-    ):
-        module.add_arguments(bench.add_parser(name, help=help_text, description=module.__doc__))
+    p = sub.add_parser("bench", help="GPU benchmarks: kernels against their alternatives, whole-model training",
+                       description="GPU benchmarks (`visattn bench NAME --help` for a benchmark's options):\n"
+                                   + "\n".join(f"  {name:7s} {text}" for name, text in BENCHMARKS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=list(BENCHMARKS), metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="the benchmark's options")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("upscale", help="super-resolve images with an SR model, writing PNGs",

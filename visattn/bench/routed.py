@@ -1,4 +1,4 @@
-"""``visattn bench routed``: BiFormer's bi-level routing attention, fused kernels against the gather.
+"""``visattn bench routed``: BiFormer's bi-level routing attention, fused kernels against the official layer.
 
 In one process, on the same bf16 inputs and weights, a bi-level routing attention layer
 (projections, routing, attention, LePE, output) at BiFormer-S stage 1-3 shapes, 224 px (n_win 7)
