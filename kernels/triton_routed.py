@@ -51,14 +51,10 @@ def _offset(r, t, s_r, s_rc, s_t, s_tc, REGION_COLS, TOKEN_COLS):
 
 
 @triton.jit
-def _routed_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
-    s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd,
-    s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
-    s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
-    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-):
+def _query_tile(q_ptr, s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd, TQ, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS,
+                qk_scale, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query tile of a forward / dQ program (axis 0: region and tile, axis 1: batch and head):
+    its region, token offsets, batch, head, masks, and the tile scaled by ``qk_scale``."""
     q_tiles = tl.cdiv(TQ, BLOCK_Q)
     r = tl.program_id(0) // q_tiles
     offs_q = (tl.program_id(0) % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -71,6 +67,33 @@ def _routed_fwd_kernel(
     q_rows = _offset(r, offs_q, s_qr, s_qrc, s_qt, s_qtc, REGION_COLS, TOKEN_COLS)
     q = tl.load(q_ptr + b * s_qb + n * s_qh + q_rows[:, None] + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    return r, offs_q, b, n, offs_d, d_valid, q_valid, q_mask, q
+
+
+@triton.jit
+def _routed_keys(k_ptr, v_ptr, routed, k0, num_keys, kv_base, s_kr, s_krc, s_kt, s_ktc, s_kd, TK, REGION_COLS,
+                 TOKEN_COLS, offs_d, d_valid, BLOCK_K: tl.constexpr):
+    """Step ``k0`` of the packed walk over the routed keys: the valid mask and the K and V rows."""
+    offs_e = k0 + tl.arange(0, BLOCK_K)
+    k_valid = offs_e < num_keys
+    kr, t = _packed_rows(routed, offs_e, k_valid, TK)
+    kv_off = kv_base + _offset(kr, t, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)[:, None] + offs_d[None, :] * s_kd
+    kv_mask = k_valid[:, None] & d_valid[None, :]
+    return k_valid, tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0), tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+
+
+@triton.jit
+def _routed_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd,
+    s_kb, s_kr, s_krc, s_kt, s_ktc, s_kh, s_kd,
+    s_ob, s_or, s_orc, s_ot, s_otc, s_oh, s_od,
+    RQ, TQ, TK, TOPK, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    r, offs_q, b, n, offs_d, d_valid, q_valid, q_mask, q = _query_tile(
+        q_ptr, s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd, TQ, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
+        BLOCK_Q, BLOCK_D)
 
     m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
@@ -79,18 +102,13 @@ def _routed_fwd_kernel(
     kv_base = b * s_kb + n * s_kh
     num_keys = TOPK * TK
     for k0 in range(0, num_keys, BLOCK_K):
-        offs_e = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_e < num_keys
-        kr, t = _packed_rows(routed, offs_e, k_valid, TK)
-        kv_off = kv_base + _offset(kr, t, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)[:, None] + offs_d[None, :] * s_kd
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        k_valid, k, v = _routed_keys(k_ptr, v_ptr, routed, k0, num_keys, kv_base, s_kr, s_krc, s_kt, s_ktc, s_kd, TK,
+                                     REGION_COLS, TOKEN_COLS, offs_d, d_valid, BLOCK_K)
         s = tl.where(k_valid[None, :], dot(q, tl.trans(k), IEEE), -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(k_valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -110,18 +128,9 @@ def _routed_bwd_dq_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     # out, dO and dQ share the (contiguous) output strides s_o*.
-    q_tiles = tl.cdiv(TQ, BLOCK_Q)
-    r = tl.program_id(0) // q_tiles
-    offs_q = (tl.program_id(0) % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    b = (tl.program_id(1) // HEADS).to(tl.int64)
-    n = tl.program_id(1) % HEADS
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q_valid = offs_q < TQ
-    q_mask = q_valid[:, None] & d_valid[None, :]
-    q_rows = _offset(r, offs_q, s_qr, s_qrc, s_qt, s_qtc, REGION_COLS, TOKEN_COLS)
-    q = tl.load(q_ptr + b * s_qb + n * s_qh + q_rows[:, None] + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    r, offs_q, b, n, offs_d, d_valid, q_valid, q_mask, q = _query_tile(
+        q_ptr, s_qb, s_qr, s_qrc, s_qt, s_qtc, s_qh, s_qd, TQ, HEADS, HEAD_DIM, REGION_COLS, TOKEN_COLS, qk_scale,
+        BLOCK_Q, BLOCK_D)
     o_rows = _offset(r, offs_q, s_or, s_orc, s_ot, s_otc, REGION_COLS, TOKEN_COLS)
     o_off = b * s_ob + n * s_oh + o_rows[:, None] + offs_d[None, :] * s_od
     do = tl.load(do_ptr + o_off, mask=q_mask, other=0.0)
@@ -136,13 +145,8 @@ def _routed_bwd_dq_kernel(
     kv_base = b * s_kb + n * s_kh
     num_keys = TOPK * TK
     for k0 in range(0, num_keys, BLOCK_K):
-        offs_e = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_e < num_keys
-        kr, t = _packed_rows(routed, offs_e, k_valid, TK)
-        kv_off = kv_base + _offset(kr, t, s_kr, s_krc, s_kt, s_ktc, REGION_COLS, TOKEN_COLS)[:, None] + offs_d[None, :] * s_kd
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        k_valid, k, v = _routed_keys(k_ptr, v_ptr, routed, k0, num_keys, kv_base, s_kr, s_krc, s_kt, s_ktc, s_kd, TK,
+                                     REGION_COLS, TOKEN_COLS, offs_d, d_valid, BLOCK_K)
         p = tl.where(k_valid[None, :] & q_valid[:, None], tl.exp2(dot(q, tl.trans(k), IEEE) - lse[:, None]), 0.0)
         ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         if IEEE:
