@@ -4,12 +4,12 @@ Prints the CUDA kernels by total time and their share, so the forward can be spl
 attention, matmuls, convs, norms / element-wise ops and copies.
 """
 import argparse
-import time
 
 import timm
 import torch
 
 import visattn  # noqa: F401  (registers the models)
+from visattn.bench.common import cuda_kernel_table, wall_ms
 
 
 def main() -> None:
@@ -30,23 +30,14 @@ def main() -> None:
 
     for _ in range(3):
         forward()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        forward()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / 10 * 1e3
+    wall = wall_ms(forward, 10)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    launches = sum(e.count for e in events)
+    gpu_ms, launches, lines = cuda_kernel_table(prof, 1, args.rows)
     print(f"== {args.model}: {args.size}px LR, {args.dtype}: wall {wall:.1f} ms per forward, GPU kernel time "
-          f"{total / 1e3:.1f} ms in {launches} kernels (wall above kernel time: launch-bound)")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
-        print(f"  {e.self_device_time_total / 1e3:8.2f} ms  {100 * e.self_device_time_total / total:5.1f}%  "
-              f"x{e.count:<5d} {e.key[:110]}")
+          f"{gpu_ms:.1f} ms in {launches} kernels (wall above kernel time: launch-bound)")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

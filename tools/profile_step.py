@@ -6,47 +6,26 @@ summed GPU kernel time (their difference is the time the GPU waits for the host'
 the step can be split into attention, matmuls, norms / element-wise ops and launch gaps.
 """
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 
-from visattn.bench.model import build
+from visattn.bench.common import cuda_kernel_table, wall_ms
+from visattn.bench.model import training_step
 
 
 def profile(spec: str, batch: int, image_size: int, rows: int, optimizer: str, host: bool) -> None:
-    model = build(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{optimizer: True})
-    images = torch.randn(batch, 3, image_size, image_size, device="cuda")
-    labels = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(spec, batch, image_size, optimizer)
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / 5 * 1e3
+    wall = wall_ms(step, 5)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    print(f"== {spec}: batch {batch}, {image_size}px, wall {wall_ms:.1f} ms per step "
-          f"(unprofiled), GPU kernel time {total / 2e3:.1f} ms")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
-        print(f"  {e.self_device_time_total / 2e3:8.2f} ms  {100 * e.self_device_time_total / total:5.1f}%  "
-              f"x{e.count // 2:<5d} {e.key[:110]}")
+    gpu_ms, _, lines = cuda_kernel_table(prof, 2, rows)
+    print(f"== {spec}: batch {batch}, {image_size}px, wall {wall:.1f} ms per step (unprofiled), GPU kernel time {gpu_ms:.1f} ms")
+    print("\n".join(lines))
     if host:
         cpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
         cpu_total = sum(e.self_cpu_time_total for e in cpu)

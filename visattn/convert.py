@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,20 @@ def unwrap_checkpoint(checkpoint: Mapping, keep_prefix: str = "backbone.") -> Di
 def _listing(title: str, keys: List[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
     return f"{title} ({len(keys)}): {shown}"
+
+
+def rename_key(key: str, rules: Sequence[Tuple[str, str]]) -> str:
+    """``key`` renamed by the first ``(pattern, replacement)`` regex rule that matches it (unchanged if none does)."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def remap_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
+    """The state dict with every key renamed by :func:`rename_key`."""
+    return {rename_key(key, rules): value for key, value in state_dict.items()}
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,21 +25,54 @@ def time_ms(fn: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tens
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def graph_time_ms(fn: Callable[[], object]) -> float:
-    """Median time of replaying ``fn`` captured in a CUDA graph: the GPU time of its kernels without
-    the host's launch overhead (``fn`` must not synchronize; gradients it makes accumulate)."""
+def warm_up(fn: Callable[[], object], times: int = 3) -> None:
+    """Run ``fn`` ``times`` times on a side stream (compiling / autotuning kernels, allocating
+    state), as a CUDA graph capture of it must be preceded by."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):  # compile / autotune and allocate outside the capture
+        for _ in range(times):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+
+
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph (warm it up first; ``fn`` must not synchronize)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def graph_time_ms(fn: Callable[[], object]) -> float:
+    """Median time of replaying ``fn`` captured in a CUDA graph: the GPU time of its kernels without
+    the host's launch overhead (``fn`` must not synchronize; gradients it makes accumulate)."""
+    warm_up(fn)
+    graph = capture_graph(fn)
     ms = time_ms(graph.replay)
     del graph
     return ms
+
+
+def wall_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Mean wall-clock ms of ``fn`` over ``repeats`` calls, host and device together."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def cuda_kernel_table(prof: "torch.profiler.profile", calls: int, rows: int) -> Tuple[float, int, List[str]]:
+    """The CUDA kernels of a profile of ``calls`` identical calls: GPU ms per call, kernel launches
+    per call, and the ``rows`` longest kernels as lines (ms per call, share, launches per call, name)."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"  {e.self_device_time_total / calls / 1e3:8.2f} ms  {100 * e.self_device_time_total / max(1, total):5.1f}%  "
+             f"x{e.count // calls:<5d} {e.key[:110]}"
+             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]]
+    return total / calls / 1e3, sum(e.count for e in events) // calls, lines
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:

@@ -22,7 +22,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from visattn.bench.common import device_name, format_table, require_cuda, write_json
+from visattn.bench.common import capture_graph, device_name, format_table, require_cuda, warm_up, write_json
 from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d
 
 # Layers whose op backend ``name@backend`` selects.
@@ -58,6 +58,33 @@ def _median_step_ms(step: Callable[[], object], steps: int) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def training_step(spec: str, batch: int, image_size: int, optimizer: str = "fused", for_graph: bool = False,
+                  compiled: bool = False) -> Callable[[], None]:
+    """One training step of ``spec`` (see :func:`build`) on a fixed random batch: bf16-autocast
+    forward, cross-entropy, backward, AdamW (``optimizer``: ``fused`` or ``foreach``), zeroed
+    gradients. ``for_graph`` makes the step capturable (``capturable`` AdamW, no autocast weight
+    cache, gradients zeroed in place); ``compiled`` runs ``torch.compile(model)``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    model = build(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=for_graph, **{optimizer: True})
+    if compiled:
+        model = torch.compile(model)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
+    labels = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
+
+    def step() -> None:
+        # The autocast weight cache cannot outlive a graph capture.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not for_graph):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=not for_graph)
+
+    return step
+
+
 def train_throughput(spec: str, batch: int, image_size: int, optimizer: str = "fused", steps: int = 10,
                      timing: str = "eager") -> Dict[str, float]:
     """Median ms per training step of ``spec``: ``timing="eager"`` runs the step as a training loop
@@ -65,42 +92,14 @@ def train_throughput(spec: str, batch: int, image_size: int, optimizer: str = "f
     ``capturable=True``) in one CUDA graph and replays it, which removes the host's launch overhead
     (PyTorch's whole-network capture); ``"compiled"`` runs the eager loop on ``torch.compile(model)``
     (inductor fuses the element-wise ops around visattn's custom ops, so fewer launches)."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     graph = timing == "graph"
-    model = build(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph, **{optimizer: True})
-    if timing == "compiled":
-        model = torch.compile(model)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, device="cuda", generator=gen)
-    labels = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
-
-    def step():
-        # The autocast weight cache cannot outlive a graph capture.
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=not graph)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile the kernels, allocate optimizer state and gradients
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    step = training_step(spec, batch, image_size, optimizer, for_graph=graph, compiled=timing == "compiled")
+    warm_up(step)  # compile the kernels, allocate optimizer state and gradients
     # The peak counts from here: a graph's memory is allocated while it is captured.
     torch.cuda.reset_peak_memory_stats()
-    if graph:
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            step()
-        run_step = captured.replay
-    else:
-        run_step = step
+    run_step = capture_graph(step).replay if graph else step
     ms = _median_step_ms(run_step, steps)
     peak = torch.cuda.max_memory_allocated()
     return {"ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "peak_GiB": peak / 2**30}

@@ -5,7 +5,6 @@ every pixel and channel of a map with a sigmoid of a 1x1 conv. A2N ("Attention i
 for Image Super-Resolution", Chen et al., arXiv:2104.09497) keeps PAN's skeleton, its gated-conv
 attention branch (with an extra 3x3 conv in the gate) and its reconstruction tail (UPA), which live here.
 """
-import re
 from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from visattn.convert import CheckpointMismatchError
 
 __all__ = ["OFFICIAL_UPSAMPLER_RULES", "PixelAttention", "PixelAttentionConv", "PixelAttentionUpsampler",
-           "check_upsampler_stages", "remap_keys"]
+           "check_upsampler_stages"]
 
 
 class PixelAttention(nn.Module):
@@ -128,15 +127,3 @@ def check_upsampler_stages(state_dict: Mapping[str, torch.Tensor], prefix: str, 
             f"scale mismatch: the checkpoint is a {kind} {family} checkpoint ({_stages(found)}, "
             f"{'with' if found > 1 else 'no'} upconv2/att2/HRconv2) but the model is x{scale} ({_stages(expected)}); "
             f"build the model at the checkpoint's scale")
-
-
-def remap_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
-    """Rename each key by the first ``(pattern, replacement)`` regex rule that matches; others stay."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in rules:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[key] = value
-    return out

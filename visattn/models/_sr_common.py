@@ -14,8 +14,8 @@ from timm.layers import register_notrace_function
 from timm.models import checkpoint_seq
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, unwrap_checkpoint
-from visattn.layers.pixel_attention import PixelAttentionUpsampler, check_upsampler_stages, remap_keys
+from visattn.convert import CheckpointMismatchError, check_state_dict, guess_family, remap_keys, unwrap_checkpoint
+from visattn.layers.pixel_attention import PixelAttentionUpsampler, check_upsampler_stages
 from visattn.models._common import check_image_batch
 
 __all__ = ["PixelAttentionNet", "SRModel", "check_sr_input", "convert_pixel_attention_checkpoint", "pad_to_multiple", "sr_cfg"]

@@ -8,7 +8,6 @@ in stage 4. The classifier ends with BatchNorm, average pooling and a linear hea
 Official checkpoints (``{'model': state_dict}``) and the mmseg/mmdet ``BiFormer_mm`` backbones load
 through :func:`checkpoint_filter_fn` / ``visattn.from_official``.
 """
-import re
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,7 +17,7 @@ from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
+from visattn.convert import CheckpointMismatchError, guess_family, register_official, remap_keys, unwrap_checkpoint
 from visattn.layers import AttentionLePE, BiLevelRoutingAttention, LayerNorm, NHWCTransformerBlock
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 
@@ -243,14 +242,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             return state_dict
         raise CheckpointMismatchError(
             f"expected an official BiFormer checkpoint, this one looks like: {guess_family(state_dict) or 'unknown'}")
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _RULES:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[key] = value
-    return out
+    return remap_keys(state_dict, _RULES)
 
 
 def _official_kwargs(kwargs: Dict) -> Dict:

@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
-from visattn.convert import CheckpointMismatchError, guess_family, register_official, unwrap_checkpoint
+from visattn.convert import CheckpointMismatchError, guess_family, register_official, rename_key, unwrap_checkpoint
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 from visattn.layers import GlobalAttentionRPB, LayerNorm, NeighborhoodAttention2d, NHWCTransformerBlock, relative_position_index
 
@@ -397,14 +397,6 @@ _ISOTROPIC_RULES = (
 )
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
 def _convert_hierarchical(state_dict: Dict[str, torch.Tensor], dense: bool) -> Dict[str, torch.Tensor]:
     out = {}
     for key, value in state_dict.items():
@@ -412,7 +404,7 @@ def _convert_hierarchical(state_dict: Dict[str, torch.Tensor], dense: bool) -> D
         if m:  # official downsamplers close level i; visattn's open stage i + 1
             key = f"stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
         else:
-            key = _rename(key, _HIERARCHICAL_RULES)
+            key = rename_key(key, _HIERARCHICAL_RULES)
         out[("trunk." + key if dense and not key.startswith("out_norms.") else key)] = value
     return out
 
@@ -425,7 +417,7 @@ def _convert_isotropic(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
             if not torch.equal(value.cpu().long(), expected):
                 raise CheckpointMismatchError(f"{key} differs from the ViT-rpb index this model computes")
             continue
-        out[_rename(key, _ISOTROPIC_RULES)] = value
+        out[rename_key(key, _ISOTROPIC_RULES)] = value
     return out
 
 
