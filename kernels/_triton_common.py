@@ -1,12 +1,19 @@
-"""Pieces shared by the Triton backends: what they support, and their fp32-aware dot."""
+"""Pieces shared by the Triton backends: what they support, their fp32-aware dot, and a launch
+path with little host time per call."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # triton < 3.4: its launcher's argument list differs, KernelCall uses JITFunction.run
+    _knobs = None
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,3 +44,77 @@ def dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
     return tl.dot(a, b, out_dtype=tl.float32)
+
+
+def _active_hook(name: str):
+    # Launch hooks (set by profilers such as proton): a hook chain that is empty when none is set
+    # (triton >= 3.5), or None / a callable.
+    hook = getattr(_knobs.runtime, name)
+    if hook is None or not getattr(hook, "calls", True):
+        return None
+    return hook
+
+
+class KernelCall:
+    """One launch of a Triton kernel with every scalar argument and constexpr fixed.
+
+    ``call(*tensors)`` runs ``kernel[grid](*tensors, *scalars, **meta)``. ``JITFunction.run``
+    binds, specializes and hashes every argument on every call (tens to hundreds of microseconds of
+    host time for kernels with ~40 arguments, more than many of their GPU times); here the scalars
+    are fixed, so what can change the compiled specialization between calls is only what Triton
+    specializes tensors on, their dtypes and 16-byte alignment, and the current device. The first
+    call with a new such signature goes through ``JITFunction.run`` (which compiles or finds the
+    kernel and launches it); later ones call the compiled kernel's launcher directly.
+
+    Args:
+        kernel: a ``@triton.jit`` function whose parameters are the tensors, then ``scalars``, then
+            the constexprs (all given in ``meta``, with ``num_warps`` / ``num_stages``).
+        grid: 1 to 3 program counts.
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "_compiled")
+    # False sends every call through JITFunction.run (``visattn bench launch`` times both).
+    direct = True
+
+    def __init__(self, kernel: triton.runtime.JITFunction, grid: Tuple[int, ...], scalars: tuple,
+                 meta: Dict[str, object]):
+        if not 1 <= len(grid) <= 3:
+            raise ValueError(f"grid must have 1 to 3 program counts, got {grid}")
+        self.kernel, self.grid, self.scalars, self.meta = kernel, tuple(grid) + (1,) * (3 - len(grid)), scalars, meta
+        self._compiled: Dict[tuple, tuple] = {}
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if not KernelCall.direct or interpreting() or _knobs is None:
+            self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        device = driver.active.get_current_device()
+        signature = (device,) + tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+        entry = self._compiled.get(signature)
+        if entry is None:
+            compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.meta)
+            constexprs = tuple(self.meta[p.name] for p in self.kernel.params[len(tensors) + len(self.scalars):])
+            self._compiled[signature] = (compiled, constexprs)
+            return
+        compiled, constexprs = entry
+        stream = driver.active.get_current_stream(device)
+        args = tensors + self.scalars + constexprs
+        enter, leave = _active_hook("launch_enter_hook"), _active_hook("launch_exit_hook")
+        metadata = compiled.launch_metadata(self.grid, stream, *args) if enter is not None else None
+        compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *args)
+
+
+class CallCache:
+    """Launches (or groups of them) by call signature, so that a repeated call (every training
+    step) costs one dict lookup on the host instead of re-deriving grids, strides and constexprs."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self.entries: Dict[Hashable, object] = {}
+
+    def get(self, key: Hashable, build: Callable[[], object]) -> object:
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            entry = self.entries[key] = build()
+        return entry

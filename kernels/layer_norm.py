@@ -19,6 +19,8 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
+    from ._triton_common import CallCache, KernelCall
 except ImportError:  # triton ships with torch's Linux builds only
     triton = None
 
@@ -59,10 +61,12 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         if t is not None and t.shape != (C,):
             raise ValueError(f"layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
     if torch.is_autocast_enabled(x.device.type):
-        # layer_norm is on autocast's fp32 list: the inputs are cast up and the output is fp32.
+        # layer_norm is on autocast's fp32 list: the output is fp32, computed from the inputs cast
+        # up. The kernels read x in its own dtype and compute in fp32 (the same numbers), so no fp32
+        # copy of x is made, and its gradient is rounded to x's dtype once, as the cast's would be.
         with torch.autocast(x.device.type, enabled=False):
-            return _LayerNormFunction.apply(x.float(), _float_or_none(weight), _float_or_none(bias), eps)
-    return _LayerNormFunction.apply(x, weight, bias, eps)
+            return _LayerNormFunction.apply(x, _float_or_none(weight), _float_or_none(bias), eps, torch.float32)
+    return _LayerNormFunction.apply(x, weight, bias, eps, x.dtype)
 
 
 def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -75,23 +79,38 @@ def _tiles(C: int, M: int) -> tuple:
     return block_m, block_n
 
 
+def _fwd_call(M: int, C: int, stride_x: int, stride_y: int, eps: float, has_weight: bool,
+              has_bias: bool) -> KernelCall:
+    block_m, block_n = _tiles(C, M)
+    return KernelCall(_layer_norm_fwd, (triton.cdiv(M, block_m),), (M, C, stride_x, stride_y, eps),
+                      dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n))
+
+
+def _bwd_call(M: int, C: int, stride_x: int, stride_dy: int, stride_dx: int, has_weight: bool) -> KernelCall:
+    block_m, block_n = _tiles(C, M)
+    programs = triton.cdiv(M, block_m)
+    return KernelCall(_layer_norm_bwd, (programs,), (M, C, stride_x, stride_dy, stride_dx, programs),
+                      dict(HAS_WEIGHT=has_weight, BLOCK_M=block_m, BLOCK_N=block_n))
+
+
+# The launches of each row geometry (forward, backward).
+_CALLS = CallCache() if triton is not None else None
+
+
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, out_dtype):
         C = x.shape[-1]
         rows = x.reshape(-1, C)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         M = rows.shape[0]
-        out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
         mean = torch.empty(M, dtype=torch.float32, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        block_m, block_n = _tiles(C, M)
-        _layer_norm_fwd[(triton.cdiv(M, block_m),)](
-            rows, weight if weight is not None else rows, bias if bias is not None else rows, out, mean, rstd,
-            M, C, rows.stride(0), out.stride(0), eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        )
+        call_args = (M, C, rows.stride(0), out.stride(0), eps, weight is not None, bias is not None)
+        _CALLS.get(("fwd",) + call_args, lambda: _fwd_call(*call_args))(
+            rows, weight if weight is not None else rows, bias if bias is not None else rows, out, mean, rstd)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_shape = x.shape
@@ -104,19 +123,15 @@ class _LayerNormFunction(torch.autograd.Function):
         dy = grad_out.reshape(M, C)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        block_m, block_n = _tiles(C, M)
-        programs = triton.cdiv(M, block_m)
         dx = torch.empty_like(rows)
-        partial = torch.empty(2, programs, C, dtype=torch.float32, device=rows.device)  # dw, db per program
-        _layer_norm_bwd[(programs,)](
-            rows, dy, weight if weight is not None else rows, mean, rstd, dx, partial,
-            M, C, rows.stride(0), dy.stride(0), dx.stride(0), programs,
-            HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        )
+        call_args = (M, C, rows.stride(0), dy.stride(0), dx.stride(0), weight is not None)
+        call = _CALLS.get(("bwd",) + call_args, lambda: _bwd_call(*call_args))
+        partial = torch.empty(2, call.grid[0], C, dtype=torch.float32, device=rows.device)  # dw, db per program
+        call(rows, dy, weight if weight is not None else rows, mean, rstd, dx, partial)
         sums = partial.sum(1)
         dw = sums[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = sums[1].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx.view(ctx.x_shape), dw, db, None
+        return dx.view(ctx.x_shape), dw, db, None, None
 
 
 if triton is not None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._checks import NAParams
-from ._triton_common import LOG2E, dot, interpreting, unsupported_reason
+from ._triton_common import LOG2E, CallCache, KernelCall, dot, interpreting, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
@@ -394,7 +394,7 @@ def _na_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: lifting to 3-D, launch configurations, tuning, launch plans.
+# Host side: lifting to 3-D, launch configurations, tuning, cached launches.
 # --------------------------------------------------------------------------------------------
 
 
@@ -484,15 +484,6 @@ def _rpb_strides(rpb: torch.Tensor) -> tuple:
     return (st[0],) + (0,) * (4 - rpb.dim()) + st[1:]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Everything of one launch but its tensors: grid, scalar arguments, constexprs and warps."""
-
-    grid: Tuple[int, int, int]
-    scalars: tuple
-    meta: Dict[str, object]
-
-
 def _geometry(q_shape: Sequence[int], dtype: torch.dtype, params: NAParams, cfg: LaunchConfig) -> Tuple[tuple, dict]:
     """Grid and the constexprs every kernel takes, for ``[B, *spatial, heads, D]`` inputs."""
     rank = len(params.spatial)
@@ -518,15 +509,15 @@ def _tensor_scalars(key: tuple) -> tuple:
             q_shape[-2], q_shape[-1], params.scale * LOG2E)
 
 
-def _fwd_plan(key: tuple, cfg: LaunchConfig) -> _Plan:
+def _fwd_call(key: tuple, cfg: LaunchConfig) -> KernelCall:
     params, q_shape, _, dtype, rpb_strides = key[1:6]
     grid, meta = _geometry(q_shape, dtype, params, cfg)
     meta.update(BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
                 HAS_RPB=rpb_strides is not None)
-    return _Plan(grid, _tensor_scalars(key), meta)
+    return KernelCall(_na_fwd_kernel, grid, _tensor_scalars(key), meta)
 
 
-def _bwd_plans(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tuple[_Plan, _Plan]:
+def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tuple[KernelCall, KernelCall]:
     params, q_shape, _, dtype, rpb_strides = key[1:6]
     tensor_scalars = _tensor_scalars(key)
     has_rpb = rpb_strides is not None
@@ -540,11 +531,11 @@ def _bwd_plans(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tupl
                 HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
                 # The register tile of the rpb gradient, where it fits (rows: every (dt, dy) offset).
                 RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr)
-    dq = _Plan(grid, tensor_scalars + (params.scale, _RPB_SLOTS, rpb_numel), meta)
+    dq = KernelCall(_na_bwd_dq_kernel, grid, tensor_scalars + (params.scale, _RPB_SLOTS, rpb_numel), meta)
 
     grid, meta = _geometry(q_shape, dtype, params, cfg_dkdv)
     meta.update(BLOCK_QW=_pow2_at_least(cfg_dkdv.tile[2] + 2 * (meta["KW"] // 2) + meta["SW"]), HAS_RPB=has_rpb)
-    return dq, _Plan(grid, tensor_scalars, meta)
+    return dq, KernelCall(_na_bwd_dkdv_kernel, grid, tensor_scalars, meta)
 
 
 def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype, has_rpb: bool) -> tuple:
@@ -553,21 +544,12 @@ def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype, h
             (q_shape[0] * q_shape[-2]).bit_length())
 
 
-# Launch plans by call signature: a repeated call (every training step) costs one dict lookup
-# on the host instead of re-deriving grids, strides and constexprs.
-_PLANS: Dict[tuple, object] = {}
-_MAX_PLANS = 4096
+# The launches of each call signature (the forward's, the backward's pair).
+_CALLS = CallCache()
 
 
-def _plan_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor]) -> tuple:
+def _call_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor]) -> tuple:
     return (kind, params, tuple(q.shape), q.stride(), q.dtype, None if rpb is None else _rpb_strides(rpb), q.device)
-
-
-def _remember(key: tuple, plan: object) -> object:
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
 
 
 def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
@@ -580,16 +562,14 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], params.heads, math.prod(params.spatial)), dtype=torch.float32, device=q.device)
     tensors = (q, k, v, rpb if rpb is not None else q, out, lse)
-    key = _plan_key("fwd", params, q, rpb)
-    plan = _PLANS.get(key)
-    if plan is None:
-        def launch(cfg: LaunchConfig) -> None:
-            p = _fwd_plan(key, cfg)
-            _na_fwd_kernel[p.grid](*tensors, *p.scalars, **p.meta)
+    key = _call_key("fwd", params, q, rpb)
 
-        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial), launch)
-        plan = _remember(key, _fwd_plan(key, cfg))
-    _na_fwd_kernel[plan.grid](*tensors, *plan.scalars, **plan.meta)
+    def build() -> KernelCall:
+        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial),
+                     lambda cfg: _fwd_call(key, cfg)(*tensors))
+        return _fwd_call(key, cfg)
+
+    _CALLS.get(key, build)(*tensors)
     return out, lse
 
 
@@ -609,32 +589,27 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                if rpb is not None else lse)
     dq_tensors = (q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch)
     dkdv_tensors = (q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv)
-    key = _plan_key("bwd", params, q, rpb_c)
-    plans = _PLANS.get(key)
-    if plans is None:
+    key = _call_key("bwd", params, q, rpb_c)
+
+    def build() -> Tuple[KernelCall, KernelCall]:
         shape_class = _shape_class(params, q.shape, q.dtype, rpb is not None)
         rank, default = len(params.spatial), _candidates("bwd_dkdv", len(params.spatial))[0]
 
         def launch_dq(cfg: LaunchConfig) -> None:
-            p = _bwd_plans(key, cfg, default)[0]
             if rpb is not None:
                 scratch.zero_()
-            _na_bwd_dq_kernel[p.grid](*dq_tensors, *p.scalars, **p.meta)
+            _bwd_calls(key, cfg, default)[0](*dq_tensors)
 
         cfg_dq = _tuned("bwd_dq", shape_class, rank, launch_dq)
         launch_dq(cfg_dq)  # delta, which the key-centric kernel reads, for its tuning
-
-        def launch_dkdv(cfg: LaunchConfig) -> None:
-            p = _bwd_plans(key, cfg_dq, cfg)[1]
-            _na_bwd_dkdv_kernel[p.grid](*dkdv_tensors, *p.scalars, **p.meta)
-
-        cfg_dkdv = _tuned("bwd_dkdv", shape_class, rank, launch_dkdv)
-        plans = _remember(key, _bwd_plans(key, cfg_dq, cfg_dkdv))
+        cfg_dkdv = _tuned("bwd_dkdv", shape_class, rank, lambda cfg: _bwd_calls(key, cfg_dq, cfg)[1](*dkdv_tensors))
         if rpb is not None:
             scratch.zero_()
-    dq_plan, dkdv_plan = plans
-    _na_bwd_dq_kernel[dq_plan.grid](*dq_tensors, *dq_plan.scalars, **dq_plan.meta)  # also writes delta
-    _na_bwd_dkdv_kernel[dkdv_plan.grid](*dkdv_tensors, *dkdv_plan.scalars, **dkdv_plan.meta)
+        return _bwd_calls(key, cfg_dq, cfg_dkdv)
+
+    dq_call, dkdv_call = _CALLS.get(key, build)
+    dq_call(*dq_tensors)  # also writes delta
+    dkdv_call(*dkdv_tensors)
     drpb = scratch.sum(1).view(rpb.shape).to(rpb.dtype) if rpb is not None else None
     return dq, dk, dv, drpb
 
@@ -645,9 +620,6 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 # (torch.compile) go through custom ops with fake implementations, which the compiler treats as
 # opaque nodes.
 # --------------------------------------------------------------------------------------------
-
-
-
 
 
 def _params(q: torch.Tensor, kernel_size: Sequence[int], dilation: Sequence[int], stride: Sequence[int],

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, dot, unsupported_reason
+from ._triton_common import LOG2E, CallCache, KernelCall, dot, unsupported_reason
 
 
 @triton.jit
@@ -271,6 +271,17 @@ def _strides(t: torch.Tensor, region_grid: Optional[Sequence[int]]) -> Tuple[int
     return sb, h * sy, w * sx, sy, sx, sh, sd
 
 
+# The launches of each call signature (the forward's, the backward's pair). Outputs and output
+# gradients are contiguous, so q's and k's shapes and strides fix every stride a kernel takes.
+_CALLS = CallCache()
+
+
+def _call_key(kind: str, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, scale: float,
+              region_grid: Optional[Sequence[int]]) -> tuple:
+    return (kind, q.shape, q.stride(), k.shape, k.stride(), q.dtype, index.shape[-1], scale,
+            None if region_grid is None else tuple(region_grid), q.device)
+
+
 def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
                    region_grid: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused forward; returns the output (contiguous, q's layout) and the base-2 log-sum-exp
@@ -279,15 +290,19 @@ def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tor
         k, v = k.contiguous(), v.contiguous()
     geo = _geometry(q, k, region_grid)
     B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
-    topk = index.shape[-1]
-    tiles = _tiles(geo.tq, geo.tk, topk, D)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, geo.rq * geo.tq), dtype=torch.float32, device=q.device)
-    _routed_fwd_kernel[(geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads)](
-        q, k, v, index, out, lse, *_strides(q, region_grid), *_strides(k, region_grid), *_strides(out, region_grid),
-        geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E,
-        BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=q.dtype == torch.float32,
-    )
+
+    def build() -> KernelCall:
+        topk = index.shape[-1]
+        tiles = _tiles(geo.tq, geo.tk, topk, D)
+        return KernelCall(
+            _routed_fwd_kernel, (geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads),
+            (*_strides(q, region_grid), *_strides(k, region_grid), *_strides(out, region_grid),
+             geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E),
+            dict(BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=q.dtype == torch.float32))
+
+    _CALLS.get(_call_key("fwd", q, k, index, scale, region_grid), build)(q, k, v, index, out, lse)
     return out, lse
 
 
@@ -311,27 +326,33 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         k, v = k.contiguous(), v.contiguous()
     grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()
     geo = _geometry(q, k, region_grid)
-    B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
-    topk = index.shape[-1]
-    tiles = _tiles(geo.tq, geo.tk, topk, D)
     dq = torch.empty(out.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    ieee = q.dtype == torch.float32
-    q_strides, k_strides, o_strides = _strides(q, region_grid), _strides(k, region_grid), _strides(out, region_grid)
-    _routed_bwd_dq_kernel[(geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads)](
-        q, k, v, index, out, grad_out, lse, delta, dq, *q_strides, *k_strides, *o_strides,
-        geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E, scale,
-        BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee,
-    )
+
+    def build() -> Tuple[KernelCall, KernelCall]:
+        B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
+        topk = index.shape[-1]
+        tiles = _tiles(geo.tq, geo.tk, topk, D)
+        ieee = q.dtype == torch.float32
+        q_strides, k_strides, o_strides = _strides(q, region_grid), _strides(k, region_grid), _strides(out, region_grid)
+        dq_call = KernelCall(
+            _routed_bwd_dq_kernel, (geo.rq * triton.cdiv(geo.tq, tiles.q), B * heads),
+            (*q_strides, *k_strides, *o_strides,
+             geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E, scale),
+            dict(BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee))
+        dkdv_call = KernelCall(
+            _routed_bwd_dkdv_kernel, (geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads),
+            (*q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
+             geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E),
+            dict(BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee))
+        return dq_call, dkdv_call
+
+    dq_call, dkdv_call = _CALLS.get(_call_key("bwd", q, k, index, scale, region_grid), build)
+    dq_call(q, k, v, index, out, grad_out, lse, delta, dq)
     offsets, regions = _invert_routing(index, geo.rk)
-    _routed_bwd_dkdv_kernel[(geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads)](
-        q, k, v, offsets, regions, grad_out, lse, delta, dk, dv,
-        *q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
-        geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E,
-        BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee,
-    )
+    dkdv_call(q, k, v, offsets, regions, grad_out, lse, delta, dk, dv)
     return dq, dk, dv
 
 

@@ -267,3 +267,30 @@ def test_layer_norm_environment_switch(monkeypatch):
     monkeypatch.setenv("VISATTN_LAYER_NORM", "torch")
     module.layer_norm(x, None, None)
     assert calls == [1]
+
+
+# --- Direct kernel launches (KernelCall) ------------------------------------------------------
+def test_direct_launch_keys_every_specialization():
+    """A KernelCall relaunches the kernel Triton itself would pick: for each dtype and 16-byte
+    alignment of the tensors, the compiled kernel it caches is the one ``JITFunction.run`` returns
+    for the same arguments, and alternating aligned / misaligned rows through one call stays exact."""
+    from visattn.kernels.layer_norm import _fwd_call, _layer_norm_fwd
+
+    M, C = 96, 40
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.randn(M * C + 8, device="cuda", dtype=dtype)
+        w, b = torch.randn(C, device="cuda", dtype=dtype), torch.randn(C, device="cuda", dtype=dtype)
+        call = _fwd_call(M, C, C, C, 1e-5, True, True)
+        for offset in (0, 1, 0, 3, 1):  # elements: 0 is 16-byte aligned, 1 and 3 are not
+            rows = buf[offset:offset + M * C].view(M, C)
+            out = torch.empty(M, C, device="cuda", dtype=dtype)
+            stats = [torch.empty(M, device="cuda") for _ in range(2)]
+            for _ in range(2):  # the first call of a new signature goes through JITFunction.run
+                out.zero_()
+                call(rows, w, b, out, *stats)
+                torch.testing.assert_close(out, torch.nn.functional.layer_norm(rows, (C,), w, b), rtol=2e-2, atol=2e-2)
+            signature = (torch.cuda.current_device(),) + tuple(
+                (t.dtype, t.data_ptr() % 16 == 0) for t in (rows, w, b, out, *stats))
+            jit = _layer_norm_fwd[call.grid](rows, w, b, out, *stats, *call.scalars, **call.meta)
+            assert call._compiled[signature][0] is jit
+        assert len(call._compiled) == 2  # aligned and misaligned rows: two specializations

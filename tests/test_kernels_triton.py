@@ -9,6 +9,7 @@ import torch
 
 from visattn.kernels import available_backends, na1d, na2d, na3d
 from visattn.kernels import triton_na
+from visattn.kernels._triton_common import CallCache
 from visattn.kernels.triton_na import LaunchConfig
 
 # CUDA when there is one; otherwise CPU through the interpreter.
@@ -70,7 +71,7 @@ def test_launch_configs_agree(monkeypatch, config, rpb_tile):
     """Every tuning candidate computes the same function (tiles, key rows per step, rpb reductions:
     the register tile of the gradient, or per-step atomic partial sums where it would not fit)."""
     monkeypatch.setattr(triton_na, "_candidates", lambda kind, rank: [config])
-    monkeypatch.setattr(triton_na, "_PLANS", {})  # no launch plan cached by another case
+    monkeypatch.setattr(triton_na, "_CALLS", CallCache())  # no launch cached by another case
     if not rpb_tile:
         monkeypatch.setattr(triton_na, "_RPB_ACC_MAX", 0)
     q, k, v, rpb = _inputs((18, 21), 5, 16, True)

@@ -49,6 +49,26 @@ def test_triton_backward_matches_torch(shape, affine):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_under_autocast_reads_half_rows_and_returns_fp32():
+    """Under autocast the kernels read half-precision x as it is (no fp32 copy) and return fp32,
+    as F.layer_norm does there; x's gradient comes back in x's dtype, the same numbers as autograd
+    through the fp32 cast."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 96) * 2).half().requires_grad_()
+    w, b = torch.randn(96, requires_grad=True), torch.randn(96, requires_grad=True)
+    dy = torch.randn(3, 7, 96)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = layer_norm(x, w, b, backend="triton")
+    expected = F.layer_norm(x.float(), (96,), w, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got, (x, w, b), dy)
+    want = torch.autograd.grad(expected, (x, w, b), dy)
+    assert grads[0].dtype == torch.float16
+    for g, e in zip(grads, want):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3)
+
+
 def test_triton_backward_of_strided_input_and_grad():
     x = torch.randn(6, 10, 48)[:, ::2, 8:40].requires_grad_()
     w = torch.randn(32, requires_grad=True)

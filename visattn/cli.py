@@ -122,6 +122,7 @@ BENCHMARKS = {
     "routed": "bi-level routing attention: Triton routed kernels vs the official layer and the gather",
     "model": "training throughput: visattn models on each backend vs timm's Swin",
     "sr": "super-resolution: HAT-S forward vs a faithful port of the official code; tiled 2048² HAT x4 memory",
+    "launch": "host time per call of the Triton ops: direct kernel launches vs JITFunction.run",
 }
 
 
