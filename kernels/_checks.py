@@ -37,16 +37,24 @@ def _per_axis(name: str, value: IntOrTuple, ndim: int) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)):
         raise ValueError(expected)
     try:
-        return (_as_int(value),) * ndim
-    except TypeError:
-        pass
-    try:
-        values = tuple(_as_int(v) for v in value)
+        # Tuples and lists are told apart by type, not by operator.index's TypeError, which
+        # torch.compile (dynamo in torch 2.11) turns into an internal error.
+        if isinstance(value, (tuple, list)):
+            values = tuple(_as_int(v) for v in value)
+        else:
+            values = _scalar_or_sequence(value, ndim)
     except TypeError:
         raise ValueError(expected) from None
     if len(values) != ndim:
         raise ValueError(expected)
     return values
+
+
+def _scalar_or_sequence(value, ndim: int) -> Tuple[int, ...]:
+    try:
+        return (_as_int(value),) * ndim
+    except TypeError:
+        return tuple(_as_int(v) for v in value)
 
 
 # Validated calls by signature: a model repeats the same few calls every step, and the checks
@@ -86,6 +94,8 @@ def check_na_args(
 
     Raises ``ValueError`` naming what was expected and what was given.
     """
+    if torch.compiler.is_compiling():  # traced once per graph: no cache (nor its mutation) to trace
+        return _check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
     key = _call_key(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
     params = _CHECKED.get(key) if key is not None else None
     if params is None:

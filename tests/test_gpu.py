@@ -294,3 +294,20 @@ def test_direct_launch_keys_every_specialization():
             jit = _layer_norm_fwd[call.grid](rows, w, b, out, *stats, *call.scalars, **call.meta)
             assert call._compiled[signature][0] is jit
         assert len(call._compiled) == 2  # aligned and misaligned rows: two specializations
+
+
+def test_nat_block_compiles_with_inductor():
+    """A DiNAT block (LayerNorm, dilated NA with rpb and per-axis tuples, MLP) under
+    torch.compile(fullgraph=True) with inductor on CUDA: forward and gradients match eager."""
+    from visattn.layers import NeighborhoodAttention2d
+    from visattn.layers.blocks import NHWCTransformerBlock
+
+    torch.manual_seed(0)
+    block = NHWCTransformerBlock(64, NeighborhoodAttention2d(64, 2, (7, 7), (2, 2))).cuda()
+    x = torch.randn(2, 28, 28, 64, device="cuda", requires_grad=True)
+    out = torch.compile(block, fullgraph=True)(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, block.attn.rpb))
+    ref = block(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, block.attn.rpb))
+    for g, w in zip([out, *grads], [ref, *ref_grads]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
