@@ -311,3 +311,19 @@ def test_nat_block_compiles_with_inductor():
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, block.attn.rpb))
     for g, w in zip([out, *grads], [ref, *ref_grads]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_biformer_block_compiles_with_inductor():
+    """A BiFormer-S stage-2 block (BRA on the Triton routed kernels) under
+    torch.compile(fullgraph=True) with inductor on CUDA: forward and input gradient match eager."""
+    from visattn.layers import BiLevelRoutingAttention
+    from visattn.models.biformer import BiFormerBlock
+
+    torch.manual_seed(0)
+    block = BiFormerBlock(128, BiLevelRoutingAttention(128, 4, n_win=7, qk_dim=128, topk=4), 3.0, 0.0).cuda()
+    x = torch.randn(2, 128, 28, 28, device="cuda", requires_grad=True)
+    out = torch.compile(block, fullgraph=True)(x)
+    ref = block(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0],
+                               torch.autograd.grad(ref.square().sum(), x)[0], rtol=1e-4, atol=1e-3)

@@ -9,7 +9,7 @@ import torch
 
 from visattn.kernels import available_backends, na1d, na2d, na3d
 from visattn.kernels import triton_na
-from visattn.kernels._triton_common import CallCache
+from visattn.kernels._triton_common import CallCache, KernelCall
 from visattn.kernels.triton_na import LaunchConfig
 
 # CUDA when there is one; otherwise CPU through the interpreter.
@@ -173,3 +173,12 @@ def test_auto_is_reference_on_cpu(monkeypatch):
     q, k, v = (torch.randn(1, 9, 9, 2, 16) for _ in range(3))
     torch.testing.assert_close(na2d(q, k, v, 3), na2d(q, k, v, 3, backend="reference"))
     assert not called
+
+
+def test_kernel_call_checks_its_grid():
+    from visattn.kernels.layer_norm import _layer_norm_fwd
+
+    with pytest.raises(ValueError, match=r"grid must have 1 to 3 program counts, got \(\)"):
+        KernelCall(_layer_norm_fwd, (), (), {})
+    call = KernelCall(_layer_norm_fwd, (4,), (), {})
+    assert call.grid == (4, 1, 1)

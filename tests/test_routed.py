@@ -264,6 +264,21 @@ def test_2d_triton_under_torch_compile_fullgraph():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_bra_layer_compiles_fullgraph():
+    """The BiFormer layer (routing, routed attention on the qkv slices, LePE, auto_pad) traces into
+    one graph; output and input gradient equal the eager layer's."""
+    from visattn.layers import BiLevelRoutingAttention
+
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(32, 2, n_win=2, qk_dim=32, topk=2, auto_pad=True, backend="triton").to(DEVICE)
+    x = torch.randn(1, 7, 8, 32, device=DEVICE, requires_grad=True)
+    out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    ref = layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda q, k, v, i: routed_attention_2d(q[0], k, v, i, 2), r"q must be a 5-D tensor \[B, H, W, heads"),
     (lambda q, k, v, i: routed_attention_2d(q, k, v, i, 3), r"the 4x6 map must divide into region_grid 3x3"),

@@ -7,7 +7,7 @@ wall time per call of each Triton op (LayerNorm, neighborhood attention, routed 
 and forward+backward) with its kernels launched directly (:class:`visattn.kernels._triton_common.KernelCall`,
 the default) and through ``JITFunction.run`` on every call, beside the PyTorch op it replaces
 (``F.layer_norm``) and one ATen elementwise op. Prints a table of microseconds per call and the
-ratio jit / direct, and writes JSON.
+ratio jit / direct (medians of repeats that alternate the two paths), and writes JSON.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import datetime
 import os
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,30 @@ from visattn.kernels._triton_common import KernelCall
 from visattn.kernels.layer_norm import layer_norm
 
 
-def host_us(fn: Callable[[], object], calls: int = 200, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the mean wall-clock microseconds of ``calls`` calls of ``fn``."""
+def host_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Mean wall-clock microseconds of ``calls`` calls of ``fn`` (after 10 unmeasured ones)."""
     for _ in range(10):
         fn()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def median_host_us(fn: Callable[[], object], launch_paths: Sequence[bool], repeats: int = 9) -> List[float]:
+    """Median :func:`host_us` of ``fn`` under each launch path (``KernelCall.direct``), the paths
+    alternating in every repeat so that drifts of the host's speed hit them alike."""
+    samples: Dict[bool, List[float]] = {path: [] for path in launch_paths}
+    try:
+        for _ in range(repeats):
+            for path in launch_paths:
+                KernelCall.direct = path
+                samples[path].append(host_us(fn))
+    finally:
+        KernelCall.direct = True
+    return [statistics.median(samples[path]) for path in launch_paths]
 
 
 def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: List[torch.Tensor]) -> Callable[[], object]:
@@ -65,18 +76,17 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
     na = lambda q, k, v, rpb: na2d(q, k, v, 7, rpb=rpb, backend="triton")
     routed = lambda q, k, v: routed_attention_2d(q, k, v, index, (2, 2), backend="triton")
     ln = lambda x, w, b: layer_norm(x, w, b, backend="triton")
-    with torch.no_grad():
-        return {
-            "aten add (reference)": lambda: torch.add(y, y),
-            "F.layer_norm fwd": lambda: F.layer_norm(x.detach(), (64,), w.detach(), b.detach()),
-            "F.layer_norm fwd+bwd": _fwd_bwd(lambda x, w, b: F.layer_norm(x, (64,), w, b), [x, w, b]),
-            "triton layer_norm fwd": lambda: ln(x.detach(), w.detach(), b.detach()),
-            "triton layer_norm fwd+bwd": _fwd_bwd(ln, [x, w, b]),
-            "triton na2d fwd": lambda: na(q.detach(), k.detach(), v.detach(), rpb.detach()),
-            "triton na2d fwd+bwd": _fwd_bwd(na, [q, k, v, rpb]),
-            "triton routed_2d fwd": lambda: routed(rq.detach(), rk.detach(), rv.detach()),
-            "triton routed_2d fwd+bwd": _fwd_bwd(routed, [rq, rk, rv]),
-        }
+    return {
+        "aten add (reference)": lambda: torch.add(y, y),
+        "F.layer_norm fwd": lambda: F.layer_norm(x.detach(), (64,), w.detach(), b.detach()),
+        "F.layer_norm fwd+bwd": _fwd_bwd(lambda x, w, b: F.layer_norm(x, (64,), w, b), [x, w, b]),
+        "triton layer_norm fwd": lambda: ln(x.detach(), w.detach(), b.detach()),
+        "triton layer_norm fwd+bwd": _fwd_bwd(ln, [x, w, b]),
+        "triton na2d fwd": lambda: na(q.detach(), k.detach(), v.detach(), rpb.detach()),
+        "triton na2d fwd+bwd": _fwd_bwd(na, [q, k, v, rpb]),
+        "triton routed_2d fwd": lambda: routed(rq.detach(), rk.detach(), rv.detach()),
+        "triton routed_2d fwd+bwd": _fwd_bwd(routed, [rq, rk, rv]),
+    }
 
 
 def run(dtype: torch.dtype, out_path: str) -> Dict[str, object]:
@@ -85,15 +95,10 @@ def run(dtype: torch.dtype, out_path: str) -> Dict[str, object]:
     for name, fn in cases(dtype).items():
         row = {"call": name}
         if name.startswith("triton"):
-            for path, direct in (("direct_us", True), ("jit_us", False)):
-                KernelCall.direct = direct
-                try:
-                    row[path] = round(host_us(fn), 1)
-                finally:
-                    KernelCall.direct = True
+            row["direct_us"], row["jit_us"] = (round(us, 1) for us in median_host_us(fn, (True, False)))
             row["jit/direct"] = round(row["jit_us"] / row["direct_us"], 2)
         else:
-            row["direct_us"] = round(host_us(fn), 1)
+            row["direct_us"] = round(median_host_us(fn, (True,))[0], 1)
         rows.append(row)
     payload = {
         "device": device_name(),
