@@ -73,6 +73,11 @@ def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skips the dispatch of a no-op .to(): host time is what these calls are short of.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _tiles(C: int, M: int) -> tuple:
     block_n = triton.next_power_of_2(C)
     block_m = max(1, min(_TILE_ELEMENTS // block_n, triton.next_power_of_2(max(1, M))))
@@ -106,19 +111,18 @@ class _LayerNormFunction(torch.autograd.Function):
             rows = rows.contiguous()
         M = rows.shape[0]
         out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-        mean = torch.empty(M, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        stats = torch.empty(2 * M, dtype=torch.float32, device=x.device)  # means, then 1/std (one allocation)
         call_args = (M, C, rows.stride(0), out.stride(0), eps, weight is not None, bias is not None)
         _CALLS.get(("fwd",) + call_args, lambda: _fwd_call(*call_args))(
-            rows, weight if weight is not None else rows, bias if bias is not None else rows, out, mean, rstd)
-        ctx.save_for_backward(rows, weight, mean, rstd)
+            rows, weight if weight is not None else rows, bias if bias is not None else rows, out, stats)
+        ctx.save_for_backward(rows, weight, stats)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_shape = x.shape
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, weight, mean, rstd = ctx.saved_tensors
+        rows, weight, stats = ctx.saved_tensors
         M, C = rows.shape
         dy = grad_out.reshape(M, C)
         if dy.stride(-1) != 1:
@@ -127,17 +131,19 @@ class _LayerNormFunction(torch.autograd.Function):
         call_args = (M, C, rows.stride(0), dy.stride(0), dx.stride(0), weight is not None)
         call = _CALLS.get(("bwd",) + call_args, lambda: _bwd_call(*call_args))
         partial = torch.empty(2, call.grid[0], C, dtype=torch.float32, device=rows.device)  # dw, db per program
-        call(rows, dy, weight if weight is not None else rows, mean, rstd, dx, partial)
-        sums = partial.sum(1)
-        dw = sums[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = sums[1].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        call(rows, dy, weight if weight is not None else rows, stats, dx, partial)
+        dw = db = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw_sum, db_sum = partial.sum(1).unbind(0)
+            dw = _cast(dw_sum, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+            db = _cast(db_sum, ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx.view(ctx.x_shape), dw, db, None, None
 
 
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, M, N, stride_x, stride_y, eps,
+    def _layer_norm_fwd(X, W, B, Y, Stats, M, N, stride_x, stride_y, eps,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,8 +155,8 @@ if triton is not None:
         mean = tl.sum(x, axis=1) / N
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-        tl.store(Mean + rows, mean, mask=row_ok)
-        tl.store(Rstd + rows, rstd, mask=row_ok)
+        tl.store(Stats + rows, mean, mask=row_ok)
+        tl.store(Stats + M + rows, rstd, mask=row_ok)
         y = centred * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -159,7 +165,7 @@ if triton is not None:
         tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _layer_norm_bwd(X, DY, W, Mean, Rstd, DX, Partial, M, N, stride_x, stride_dy, stride_dx, programs,
+    def _layer_norm_bwd(X, DY, W, Stats, DX, Partial, M, N, stride_x, stride_dy, stride_dx, programs,
                         HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; the program's rows'
         # sums of dy * xhat (weight grad) and dy (bias grad) go to its slot of Partial.
@@ -172,8 +178,8 @@ if triton is not None:
         r64 = rows[:, None].to(tl.int64)
         x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        mean = tl.load(Stats + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Stats + M + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy
         if HAS_WEIGHT:

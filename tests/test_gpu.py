@@ -284,14 +284,14 @@ def test_direct_launch_keys_every_specialization():
         for offset in (0, 1, 0, 3, 1):  # elements: 0 is 16-byte aligned, 1 and 3 are not
             rows = buf[offset:offset + M * C].view(M, C)
             out = torch.empty(M, C, device="cuda", dtype=dtype)
-            stats = [torch.empty(M, device="cuda") for _ in range(2)]
+            stats = torch.empty(2 * M, device="cuda")
             for _ in range(2):  # the first call of a new signature goes through JITFunction.run
                 out.zero_()
-                call(rows, w, b, out, *stats)
+                call(rows, w, b, out, stats)
                 torch.testing.assert_close(out, torch.nn.functional.layer_norm(rows, (C,), w, b), rtol=2e-2, atol=2e-2)
             signature = (torch.cuda.current_device(),) + tuple(
-                (t.dtype, t.data_ptr() % 16 == 0) for t in (rows, w, b, out, *stats))
-            jit = _layer_norm_fwd[call.grid](rows, w, b, out, *stats, *call.scalars, **call.meta)
+                (t.dtype, t.data_ptr() % 16 == 0) for t in (rows, w, b, out, stats))
+            jit = _layer_norm_fwd[call.grid](rows, w, b, out, stats, *call.scalars, **call.meta)
             assert call._compiled[signature][0] is jit
         assert len(call._compiled) == 2  # aligned and misaligned rows: two specializations
 
