@@ -15,13 +15,12 @@ import argparse
 import datetime
 import os
 import statistics
-import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from visattn.bench.common import device_name, format_table, require_cuda, write_json
+from visattn.bench.common import device_name, format_table, require_cuda, wall_ms, write_json
 from visattn.kernels import na2d, routed_attention_2d
 from visattn.kernels._triton_common import KernelCall
 from visattn.kernels.layer_norm import layer_norm
@@ -31,12 +30,7 @@ def host_us(fn: Callable[[], object], calls: int = 200) -> float:
     """Mean wall-clock microseconds of ``calls`` calls of ``fn`` (after 10 unmeasured ones)."""
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return wall_ms(fn, calls) * 1e3
 
 
 def median_host_us(fn: Callable[[], object], launch_paths: Sequence[bool], repeats: int = 9) -> List[float]:
