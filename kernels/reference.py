@@ -57,7 +57,7 @@ def _flat_index(per_axis: List[torch.Tensor], sizes: Tuple[int, ...]) -> torch.T
         shape[axis], shape[ndim + axis] = index.shape
         term = index.view(shape) * math.prod(sizes[axis + 1 :])
         flat = term if flat is None else flat + term
-    n_query = math.prod(i.shape[0] for i in per_axis)
+    n_query = math.prod([i.shape[0] for i in per_axis])
     return flat.reshape(n_query, -1)
 
 
