@@ -30,7 +30,7 @@ _TILE_ELEMENTS = 4096  # rows per program = this / the padded row width
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", autocast_output: bool = False) -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last axis of ``x`` ``[..., C]``.
 
     Args:
@@ -39,9 +39,13 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             tensors of fp16 / bf16 / fp32 with ``C <= 8192`` outside ``torch.compile``,
             ``F.layer_norm`` otherwise. The environment variable ``VISATTN_LAYER_NORM=torch``
             makes ``"auto"`` always pick ``F.layer_norm`` (for A/B timing of whole models).
+        autocast_output: under autocast, return the autocast dtype (e.g. bf16) instead of fp32,
+            rounded from the same fp32 result: for outputs that only feed ops autocast casts to
+            that dtype anyway (Linear, Conv), which then see the same values, without the fp32
+            tensor and its cast (forward and backward). No effect outside autocast.
 
-    Returns: ``[..., C]`` in ``x.dtype`` (fp32 under autocast, as ``F.layer_norm``); differentiable
-    in ``x``, ``weight`` and ``bias``.
+    Returns: ``[..., C]`` in ``x.dtype`` (under autocast fp32, as ``F.layer_norm``, or the
+    autocast dtype with ``autocast_output``); differentiable in ``x``, ``weight`` and ``bias``.
     """
     C = x.shape[-1]
     if backend == "auto":
@@ -49,7 +53,10 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
                       and os.environ.get("VISATTN_LAYER_NORM") != "torch" and not torch.compiler.is_compiling())
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
-        return F.layer_norm(x, (C,), weight, bias, eps)
+        out = F.layer_norm(x, (C,), weight, bias, eps)
+        if autocast_output and torch.is_autocast_enabled(x.device.type):
+            return out.to(torch.get_autocast_dtype(x.device.type))
+        return out
     if backend != "triton":
         raise ValueError(f"unknown layer_norm backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     if triton is None:
@@ -64,8 +71,9 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         # layer_norm is on autocast's fp32 list: the output is fp32, computed from the inputs cast
         # up. The kernels read x in its own dtype and compute in fp32 (the same numbers), so no fp32
         # copy of x is made, and its gradient is rounded to x's dtype once, as the cast's would be.
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast_output else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            return _LayerNormFunction.apply(x, _float_or_none(weight), _float_or_none(bias), eps, torch.float32)
+            return _LayerNormFunction.apply(x, _float_or_none(weight), _float_or_none(bias), eps, out_dtype)
     return _LayerNormFunction.apply(x, weight, bias, eps, x.dtype)
 
 

@@ -69,6 +69,30 @@ def test_triton_under_autocast_reads_half_rows_and_returns_fp32():
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_output_rounds_the_same_result(backend):
+    """``autocast_output``: under autocast the output comes in the autocast dtype, equal to the fp32
+    output cast down (what a following Linear would see), and the gradients of a Linear after it
+    are bit-identical with and without it; outside autocast it changes nothing."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 5, 48) * 2).requires_grad_()
+    w, b = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
+    fc = torch.nn.Linear(48, 16)
+    results = []
+    for flag in (False, True):
+        with torch.autocast("cpu", dtype=torch.float16):
+            normed = layer_norm(x, w, b, backend=backend, autocast_output=flag)
+            out = fc(normed)
+        assert normed.dtype == (torch.float16 if flag else torch.float32)
+        results.append((normed, out, torch.autograd.grad(out.float().square().sum(), (x, w, b, fc.weight))))
+    (ref_normed, ref_out, ref_grads), (normed, out, grads) = results
+    assert torch.equal(normed, ref_normed.half())
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    assert layer_norm(x, w, b, backend=backend, autocast_output=True).dtype == torch.float32
+
+
 def test_triton_backward_of_strided_input_and_grad():
     x = torch.randn(6, 10, 48)[:, ::2, 8:40].requires_grad_()
     w = torch.randn(32, requires_grad=True)
@@ -105,3 +129,47 @@ def test_module_is_a_drop_in_for_nn_layernorm():
     scripted = torch.jit.script(ours)
     torch.testing.assert_close(scripted(x), ref(x), rtol=0, atol=0)
 
+
+
+# Reduced models of every family whose blocks set autocast_norm_output, and an input for each.
+_AUTOCAST_NORM_MODELS = {
+    "dinat": ("visattn_dinat_t", dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2,
+                                      dilations=[[2], [1], [1], [1]], num_classes=5), (1, 3, 64, 64)),
+    "vitrpb": ("visattn_vitrpb_s", dict(img_size=28, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5),
+               (1, 3, 28, 28)),
+    "biformer": ("visattn_biformer_t", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 48), qk_dims=(16, 32, 40, 48),
+                                            head_dim=8, n_win=2, topks=(1, 2, 4, -2), img_size=64,
+                                            num_classes=5), (1, 3, 64, 64)),
+    "tcsr": ("visattn_tcsr_b_x2", dict(embed_dim=16, depths=(1,), num_heads=(2,), kernel_size=5), (1, 3, 12, 12)),
+    "hat": ("visattn_hat_s_x2", dict(embed_dim=12, depths=(1,), num_heads=(2,), window_size=4, compress_ratio=3,
+                                     squeeze_factor=4, mlp_ratio=2.0), (1, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_AUTOCAST_NORM_MODELS))
+def test_models_autocast_norm_output_changes_no_value(name):
+    """The blocks whose norms return the autocast dtype compute, under autocast, exactly what they
+    compute with fp32 norm outputs: output and parameter gradients bit-identical."""
+    import timm
+
+    import visattn  # noqa: F401  (registers the models)
+
+    arch, kwargs, shape = _AUTOCAST_NORM_MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **kwargs)
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm) and m.autocast_output]
+    assert norms, f"{arch} sets autocast_output on none of its norms"
+    x = torch.rand(shape)
+    results = []
+    for flag in (True, False):
+        for norm in norms:
+            norm.autocast_output = flag
+        torch.manual_seed(1)  # the same drop-path draws in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        grads = torch.autograd.grad(out.float().square().mean(), [p for p in model.parameters()], allow_unused=True)
+        results.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -17,6 +17,10 @@ class NHWCTransformerBlock(nn.Module):
     ``attn`` is any module mapping ``[B, H, W, C]`` to itself; ``mlp_layer`` builds the MLP as
     ``mlp_layer(dim, hidden, act_layer=..., drop=...)`` (timm's ``Mlp`` by default). ``layer_scale``
     (an init value) enables the per-channel ``ls1.gamma`` / ``ls2.gamma`` scales.
+    ``autocast_norm_output`` lets the norms (when they are :class:`~visattn.layers.LayerNorm`) return
+    the autocast dtype under autocast: for ``attn`` / ``mlp`` whose every use of their input goes
+    through ops autocast casts to that dtype anyway (a Linear or Conv, after exact pads / reshapes),
+    which then see the same values, without an fp32 copy of the normed map and its cast.
     """
 
     def __init__(
@@ -30,6 +34,7 @@ class NHWCTransformerBlock(nn.Module):
         act_layer: Type[nn.Module] = nn.GELU,
         norm_layer: Type[nn.Module] = LayerNorm,
         mlp_layer: Type[nn.Module] = Mlp,
+        autocast_norm_output: bool = False,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -40,6 +45,9 @@ class NHWCTransformerBlock(nn.Module):
         self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        for norm in (self.norm1, self.norm2):
+            if isinstance(norm, LayerNorm):
+                norm.autocast_output = autocast_norm_output
 
     def residual_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The two pre-norm residual updates (subclasses wrap them; TorchScript has no ``super()``)."""

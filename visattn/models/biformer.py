@@ -28,7 +28,9 @@ class BiFormerBlock(NHWCTransformerBlock):
     """Depthwise-conv position embedding, then a pre-norm transformer block; NCHW in and out."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float):
-        super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=1e-6))
+        # The norms feed only qkv / fc1 and (stage 4) LePE's conv: autocast casts all to bf16 anyway.
+        super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=1e-6),
+                         autocast_norm_output=True)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ class ResidualHybridAttentionGroup(nn.Module):
             for i in range(depth)
         ])
         self.overlap_attn = NHWCTransformerBlock(
-            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio)
+            dim, OverlappingWindowAttention(dim, num_heads, window_size, overlap_ratio, qkv_bias), mlp_ratio,
+            autocast_norm_output=True)
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,7 @@ class NATStage(nn.Module):
                     drop_path=drop_path[j],
                     proj_drop=proj_drop,
                     norm_layer=norm_layer,
+                    autocast_norm_output=True,  # the norms feed only qkv / fc1 (after a pad)
                 )
                 for j in range(depth)
             ]
@@ -349,7 +350,8 @@ class NATIsotropic(_NHWCClassifier):
                 attn = NeighborhoodAttention2d(
                     embed_dim, num_heads, kernel_size, dilation=1 if i % 2 == 0 else dilation, proj_drop=proj_drop_rate
                 )
-            blocks.append(NHWCTransformerBlock(embed_dim, attn, mlp_ratio, drop_path=dpr[i], proj_drop=proj_drop_rate, norm_layer=norm_layer))
+            blocks.append(NHWCTransformerBlock(embed_dim, attn, mlp_ratio, drop_path=dpr[i], proj_drop=proj_drop_rate,
+                                               norm_layer=norm_layer, autocast_norm_output=True))
         self.blocks = nn.Sequential(*blocks)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.norm = norm_layer(embed_dim)

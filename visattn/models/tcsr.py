@@ -48,7 +48,7 @@ class TCSRGroup(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(*[
             NHWCTransformerBlock(dim, NeighborhoodAttention2d(dim, num_heads, kernel_size, backend=backend),
-                                 mlp_ratio, drop_path=drop_path[i], mlp_layer=ShiftMlp)
+                                 mlp_ratio, drop_path=drop_path[i], mlp_layer=ShiftMlp, autocast_norm_output=True)
             for i in range(depth)
         ])
         self.conv = nn.Conv2d(dim, dim, 3, padding=1)
