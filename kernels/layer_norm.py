@@ -54,7 +54,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         out = F.layer_norm(x, (C,), weight, bias, eps)
-        if autocast_output and torch.is_autocast_enabled(x.device.type):
+        if autocast_output and _autocast_enabled(x.device.type):
             return out.to(torch.get_autocast_dtype(x.device.type))
         return out
     if backend != "triton":
@@ -67,7 +67,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_enabled(x.device.type):
         # layer_norm is on autocast's fp32 list: the output is fp32, computed from the inputs cast
         # up. The kernels read x in its own dtype and compute in fp32 (the same numbers), so no fp32
         # copy of x is made, and its gradient is rounded to x's dtype once, as the cast's would be.
@@ -75,6 +75,11 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         with torch.autocast(x.device.type, enabled=False):
             return _LayerNormFunction.apply(x, _float_or_none(weight), _float_or_none(bias), eps, out_dtype)
     return _LayerNormFunction.apply(x, weight, bias, eps, x.dtype)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Devices autocast does not know (meta, used to count parameters and MACs) are never under it.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
