@@ -61,11 +61,11 @@ class KernelCall:
     ``call(*tensors)`` runs ``kernel[grid](*tensors, *scalars, **meta)``. ``JITFunction.run``
     binds, specializes and hashes every argument on every call (20-70 µs of host time per op call
     on the H200 machine's host for these kernels of ~40 arguments, ``visattn bench launch``: more
-    than many of their GPU times); here the scalars
-    are fixed, so what can change the compiled specialization between calls is only what Triton
-    specializes tensors on, their dtypes and 16-byte alignment, and the current device. The first
-    call with a new such signature goes through ``JITFunction.run`` (which compiles or finds the
-    kernel and launches it); later ones call the compiled kernel's launcher directly.
+    than many of their GPU times); here the scalars are fixed, so what can change the compiled
+    specialization between calls is only what Triton specializes tensors on, their dtypes and
+    16-byte alignment, and the current device. The first call with a new such signature goes
+    through ``JITFunction.run`` (which compiles or finds the kernel and launches it); later ones
+    call the compiled kernel's launcher directly.
 
     Args:
         kernel: a ``@triton.jit`` function whose parameters are the tensors, then ``scalars``, then

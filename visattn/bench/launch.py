@@ -50,8 +50,7 @@ def median_host_us(fn: Callable[[], object], launch_paths: Sequence[bool], repea
 def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: List[torch.Tensor]) -> Callable[[], object]:
     def step():
         out = fn(*inputs)
-        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
-        return grads
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
     return step
 
 

@@ -5,7 +5,7 @@ every pixel and channel of a map with a sigmoid of a 1x1 conv. A2N ("Attention i
 for Image Super-Resolution", Chen et al., arXiv:2104.09497) keeps PAN's skeleton, its gated-conv
 attention branch (with an extra 3x3 conv in the gate) and its reconstruction tail (UPA), which live here.
 """
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Mapping, Tuple
 
 import torch
 import torch.nn as nn
