@@ -162,7 +162,9 @@ def _na_fwd_kernel(
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
     rpb_cols = n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
 
-    m_i = tl.full([TQ], -1.0e30, tl.float32)
+    # Keys outside a query's window get the logit -inf (through the rpb load where there is one),
+    # so exp2 zeroes them without a second select; m_safe keeps rows with no key yet at 0 not NaN.
+    m_i = tl.full([TQ], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ], tl.float32)
     acc = tl.zeros([TQ, BLOCK_D], tl.float32)
     for a in range(0, HALO_T):
@@ -180,11 +182,13 @@ def _na_fwd_kernel(
             s = dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
             if HAS_RPB:
                 rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
-                s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.where(in_window, s, -1.0e30)
+                s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+            else:
+                s = tl.where(in_window, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.where(in_window, tl.exp2(s - m_new[:, None]), 0.0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
@@ -279,9 +283,11 @@ def _na_bwd_dq_kernel(
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             s = dot(q, tl.trans(k), IEEE)
             rel = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
-            if HAS_RPB:
-                s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
-            p = tl.where(in_window, tl.exp2(s - lse[:, None]), 0.0)
+            if HAS_RPB:  # -inf outside the windows, as in the forward: exp2 zeroes them
+                s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+            else:
+                s = tl.where(in_window, s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
             dp = dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
             if HAS_RPB:
@@ -376,8 +382,10 @@ def _na_bwd_dkdv_kernel(
                 if HAS_RPB:
                     rel = (n * s_rn + ((kt - qt + KT - 1) * s_rt + (kh - qh + KH - 1) * s_rh)[:, None]
                            + (kw[:, None] - qw_c[None, :] + KW - 1) * s_rw)
-                    s_t += tl.load(rpb_ptr + rel, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
-                p_t = tl.where(in_window, tl.exp2(s_t - lse[None, :]), 0.0)
+                    s_t += tl.load(rpb_ptr + rel, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+                else:
+                    s_t = tl.where(in_window, s_t, float("-inf"))
+                p_t = tl.exp2(s_t - lse[None, :])  # 0 outside the windows (-inf logits)
                 dp_t = dot(v, tl.trans(do), IEEE)
                 ds_t = p_t * (dp_t - delta[None, :])
                 if IEEE:
@@ -406,17 +414,34 @@ class LaunchConfig:
     num_stages: int
 
 
-# Candidates per rank, the interpreter's default first.
-# Few on purpose: every candidate is a compilation (about a second) per kernel and shape class.
-# From tools/tune_na.py on an H100: small tiles and 4 warps win; 8x16 only for k >= 13 or windows.
-_CANDIDATE_TILES = {
-    1: [(1, 1, 64), (1, 1, 128)],
-    2: [(1, 8, 8), (1, 8, 16)],
-    3: [(2, 4, 8), (1, 8, 8)],
+# Candidates per kernel and rank, the interpreter's default first. Few on purpose: every candidate
+# is a compilation (about a second) per kernel and shape class. 2-D lists from tools/tune_na.py on
+# an H200 (2026-12-01, NAT-T / DiNAT-T stage shapes): 2-warp programs win everywhere; the forward
+# and the key-centric kernel prefer 4x8 tiles (30% of the computed logits used at k7, 22% for
+# 8x8), the dQ kernel 8x8 with 2 key rows (its rpb-gradient matmul needs >= 16 reduced rows);
+# 8x16 tiles stay for k >= 13 and windows.
+_C = LaunchConfig
+_CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
+    "fwd": {
+        1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
+        2: [_C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
+            _C((1, 8, 16), 1, 4, 2)],
+        3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],
+    },
+    "bwd_dq": {
+        1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
+        2: [_C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 4, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((1, 8, 16), 2, 4, 2)],
+        3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],
+    },
+    # The key-centric kernel walks single query rows (rows = 1).
+    "bwd_dkdv": {
+        1: [_C((1, 1, 64), 1, 4, 2), _C((1, 1, 64), 1, 2, 2), _C((1, 1, 128), 1, 4, 2)],
+        2: [_C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 1, 2, 2), _C((1, 2, 8), 1, 2, 2), _C((1, 8, 8), 1, 4, 2),
+            _C((1, 8, 16), 1, 4, 2)],
+        3: [_C((2, 4, 8), 1, 4, 2), _C((2, 4, 8), 1, 2, 2), _C((1, 8, 8), 1, 4, 2)],
+    },
 }
-_CANDIDATE_ROWS = (2, 1)
-_CANDIDATE_WARPS = (4,)
-_CANDIDATE_STAGES = (2,)
+del _C
 _TUNED: Dict[tuple, LaunchConfig] = {}
 # Milliseconds of every candidate timed for a key (read by tools/tune_na.py).
 TIMINGS: Dict[tuple, Dict[LaunchConfig, float]] = {}
@@ -427,9 +452,7 @@ def _pow2_at_least(x: int, floor: int = 16) -> int:
 
 
 def _candidates(kind: str, rank: int) -> List[LaunchConfig]:
-    rows = (1,) if kind == "bwd_dkdv" else _CANDIDATE_ROWS  # the key-centric kernel walks single rows
-    return [LaunchConfig(tile, r, w, s) for tile in _CANDIDATE_TILES[rank] for r in rows
-            for w in _CANDIDATE_WARPS for s in _CANDIDATE_STAGES]
+    return _CANDIDATES[kind][rank]
 
 
 def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:

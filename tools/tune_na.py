@@ -1,7 +1,9 @@
 """Time every launch-config candidate of the Triton NA kernels on the benchmark shapes (GPU).
 
 Prints, per shape and kernel, each candidate's median ms, the best first; used to choose the
-candidate lists and defaults in kernels/triton_na.py.
+candidate lists and defaults in kernels/triton_na.py. ``--tiles / --rows / --warps / --stages``
+replace the 2-D candidate lists of every kernel for the run by their product (to time
+configurations that are not candidates).
 """
 import argparse
 import time
@@ -13,11 +15,30 @@ from visattn.kernels import na2d
 from visattn.kernels import triton_na
 
 
+def _tile(text: str) -> tuple:
+    tile = tuple(int(n) for n in text.split("x"))
+    if len(tile) != 3:
+        raise argparse.ArgumentTypeError(f"a tile is TxHxW (e.g. 1x8x8), got {text!r}")
+    return tile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES])
     parser.add_argument("--no-rpb", action="store_true")
+    parser.add_argument("--tiles", nargs="+", type=_tile, help="2-D tile candidates, e.g. 1x8x8 1x4x8")
+    parser.add_argument("--rows", nargs="+", type=int, help="key rows per step of the query-centric kernels")
+    parser.add_argument("--warps", nargs="+", type=int)
+    parser.add_argument("--stages", nargs="+", type=int)
     args = parser.parse_args()
+    if args.tiles or args.rows or args.warps or args.stages:
+        for kind, by_rank in triton_na._CANDIDATES.items():
+            current = by_rank[2]
+            tiles = args.tiles or sorted({c.tile for c in current})
+            rows = (1,) if kind == "bwd_dkdv" else (args.rows or sorted({c.rows for c in current}))
+            warps = args.warps or sorted({c.num_warps for c in current})
+            stages = args.stages or sorted({c.num_stages for c in current})
+            by_rank[2] = [triton_na.LaunchConfig(t, r, w, s) for t in tiles for r in rows for w in warps for s in stages]
     for shape in (s for s in SHAPES if s.name in args.shapes):
         t0 = time.time()
         q, k, v = (torch.randn(shape.batch, shape.height, shape.width, shape.heads, shape.head_dim, device="cuda",
@@ -33,8 +54,8 @@ def main() -> None:
         print(f"== {shape.name} (rpb={rpb is not None}) tuned in {time.time() - t0:.0f}s", flush=True)
         for key, timings in triton_na.TIMINGS.items():
             ranked = sorted(timings.items(), key=lambda kv: kv[1])
-            print(f"  {key[0]:9s} " + "  ".join(f"{c.tile[1]}x{c.tile[2]}/w{c.num_warps}/s{c.num_stages}={ms:.3f}"
-                                              for c, ms in ranked), flush=True)
+            print(f"  {key[0]:9s} " + "  ".join(f"{'x'.join(map(str, c.tile))}/r{c.rows}/w{c.num_warps}/s{c.num_stages}"
+                                              f"={ms:.4f}" for c, ms in ranked), flush=True)
 
 
 if __name__ == "__main__":
