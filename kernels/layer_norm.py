@@ -79,7 +79,10 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
 def _autocast_enabled(device_type: str) -> bool:
     # Devices autocast does not know (meta, used to count parameters and MACs) are never under it.
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # Traced code sees real devices only, and dynamo (torch 2.11) cannot trace is_autocast_available.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

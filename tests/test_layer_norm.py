@@ -93,6 +93,19 @@ def test_autocast_output_rounds_the_same_result(backend):
     assert layer_norm(x, w, b, backend=backend, autocast_output=True).dtype == torch.float32
 
 
+def test_autocast_output_compiles_fullgraph():
+    """Under torch.compile (fullgraph) and autocast, ``autocast_output`` still returns the autocast
+    dtype with the eager values: the autocast checks trace (torch 2.11's dynamo could not trace
+    ``torch.amp.is_autocast_available``, which the eager path asks about meta tensors)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 32), torch.randn(32), torch.randn(32)
+    fn = torch.compile(lambda x: layer_norm(x, w, b, autocast_output=True), fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fn(x), layer_norm(x, w, b, autocast_output=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+
+
 def test_triton_backward_of_strided_input_and_grad():
     x = torch.randn(6, 10, 48)[:, ::2, 8:40].requires_grad_()
     w = torch.randn(32, requires_grad=True)

@@ -3,9 +3,11 @@
 In one process, on the same bf16 inputs: (a) visattn Triton, with and without rpb, (b)
 ``torch.compile(flex_attention)`` with a neighborhood block mask (rpb through ``score_mod``), (c)
 natten's ``na2d`` when natten is installed (no rpb), (d) visattn's reference backend and (e) dense
-``scaled_dot_product_attention`` over all tokens. Forward and forward+backward medians, the HBM
-roofline of the forward (bytes of q, k, v, out at the measured copy bandwidth) and the peak memory
-of forward+backward. Prints a table, writes JSON and a PNG bar chart.
+``scaled_dot_product_attention`` over all tokens. Forward and forward+backward medians, each timed
+two ways: eager (one call after another, the host's launch overhead included) and replayed from a
+CUDA graph (the kernels' GPU time alone; a competitor that cannot be captured is reported as such);
+the HBM roofline of the forward (bytes of q, k, v, out at the measured copy bandwidth) and the peak
+memory of forward+backward. Prints a table, writes JSON and a PNG bar chart.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from visattn.bench.common import (
-    copy_bandwidth, device_name, format_table, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
+    copy_bandwidth, device_name, format_table, graph_time_ms, peak_extra_bytes, require_cuda, save_results, select_shapes,
+    time_ms,
 )
 from visattn.kernels import na2d
 
@@ -159,8 +162,8 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
         torch._dynamo.reset()
         runners = _runners(shape, qkv, rpb, backward)
         grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], device="cuda", dtype=dtype)
-        row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "peak_bytes": {}, "errors": {},
-                                  "max_abs_diff": {}}
+        row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "graph_ms": {}, "peak_bytes": {},
+                                  "errors": {}, "max_abs_diff": {}}
         if not backward:  # every output is checked against the fp32 reference
             q, k_, v = qkv.float().unbind(3)
             expected = {with_rpb: na2d(q, k_, v, shape.kernel_size, shape.dilation, shape.stride,
@@ -182,8 +185,13 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
                     for t in leaves:
                         t.grad = None
                     row["peak_bytes"][name] = peak_extra_bytes(fn)
+                    if name != "reference":  # its many small launches make capture pointless
+                        try:
+                            row["graph_ms"][name] = graph_time_ms(fn)
+                        except Exception as exc:
+                            row["errors"][f"{name} graph"] = _error(exc)
             except Exception as exc:  # a competitor that cannot run this case is reported, not fatal
-                row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                row["errors"][name] = _error(exc)
             for t in leaves:
                 t.grad = None
         n_tensors = 4 if not backward else 8  # q, k, v, out (+ their gradients)
@@ -193,9 +201,17 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
     return results
 
 
-def _ratio(row: Dict[str, object], slow: str, fast: str) -> Optional[float]:
-    ms = row["ms"]
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def _ratio(row: Dict[str, object], slow: str, fast: str, timing: str = "ms") -> Optional[float]:
+    ms = row.get(timing, {})
     return ms[slow] / ms[fast] if slow in ms and fast in ms else None
+
+
+# The graph timings shown: visattn's and flex's (the targets are set against flex).
+_GRAPH_COLUMNS = ["triton", "triton no-rpb", "flex", "flex no-rpb"]
 
 
 def summarize(rows: List[Dict[str, object]]) -> str:
@@ -212,15 +228,27 @@ def summarize(rows: List[Dict[str, object]]) -> str:
                                   ("natten/triton no-rpb", "natten no-rpb", "triton no-rpb")):
             r = _ratio(row, slow, fast)
             out[label] = f"{r:.2f}x" if r else "-"
+        graph = row.get("graph_ms", {})
+        for name in _GRAPH_COLUMNS:
+            out[f"{name} graph"] = f"{graph[name]:.3f}" if name in graph else "-"
+        for label, slow, fast in (("flex/triton graph", "flex", "triton"),
+                                  ("flex/triton no-rpb graph", "flex no-rpb", "triton no-rpb")):
+            r = _ratio(row, slow, fast, "graph_ms")
+            out[label] = f"{r:.2f}x" if r else "-"
         if row["roofline_ms"] and "triton" in ms:
-            out["triton/roofline"] = f"{ms['triton'] / row['roofline_ms']:.2f}x"
-        if row["mode"] == "fwd+bwd" and "triton" in row["peak_bytes"]:
-            # Everything resident at the peak (inputs, output, gradients, workspace) over q, k, v, out and grads.
-            inputs = row["io_bytes"] // 2  # q, k, v and the incoming gradient were allocated before
-            out["triton peak/io"] = f"{(inputs + row['peak_bytes']['triton']) / row['io_bytes']:.2f}x"
+            # Against the kernels' GPU time where it was measured.
+            out["triton/roofline"] = f"{graph.get('triton', ms['triton']) / row['roofline_ms']:.2f}x"
+        if row["mode"] == "fwd+bwd":
+            # What a call allocates on top of its inputs (output, gradients, workspace; for visattn
+            # also the packed qkv gradient autograd stacks from dq, dk, dv), over q, k, v, out and grads.
+            for name in ("triton", "flex"):
+                if name in row["peak_bytes"]:
+                    out[f"{name} extra/io"] = f"{row['peak_bytes'][name] / row['io_bytes']:.2f}x"
         table.append(out)
-    columns = ["shape", "mode"] + COMPETITORS + ["flex/triton", "flex/triton no-rpb", "natten/triton no-rpb",
-                                                "triton/roofline", "triton peak/io", "max |diff|"]
+    columns = (["shape", "mode"] + COMPETITORS + ["flex/triton", "flex/triton no-rpb", "natten/triton no-rpb"]
+               + [f"{name} graph" for name in _GRAPH_COLUMNS] + ["flex/triton graph", "flex/triton no-rpb graph",
+                                                                 "triton/roofline", "triton extra/io", "flex extra/io",
+                                                                 "max |diff|"])
     text = format_table(table, columns)
     errors = sorted({f"{name}: {err}" for row in rows for name, err in row["errors"].items()})
     return text + ("\n\nnot run: " + "; ".join(errors) if errors else "")
