@@ -82,6 +82,37 @@ def test_launch_configs_agree(monkeypatch, config, rpb_tile):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
 
 
+def _distinct_candidates():
+    # Warps and stages do not change the interpreter's result: one case per (kernel, rank, tile, rows).
+    seen = {}
+    for kind, by_rank in triton_na._CANDIDATES.items():
+        for rank, configs in by_rank.items():
+            for config in configs:
+                seen.setdefault((kind, rank, config.tile, config.rows), config)
+    return [pytest.param(kind, rank, config, id=f"{kind}-{rank}d-{'x'.join(map(str, tile))}-r{rows}")
+            for (kind, rank, tile, rows), config in seen.items()]
+
+
+# (spatial, kernel, dilation, stride) per rank: ragged against every candidate tile.
+_CANDIDATE_CASES = {1: ((37,), 5, 2, 1), 2: ((11, 13), 5, (2, 1), (1, 2)), 3: ((3, 5, 9), 3, 1, (1, 1, 2))}
+
+
+@pytest.mark.parametrize("kind, rank, config", _distinct_candidates())
+def test_every_tuning_candidate_matches_reference(monkeypatch, kind, rank, config):
+    """The GPU tuner may pick any candidate of any kernel: each one (the others at their
+    defaults) computes the reference's outputs and gradients."""
+    monkeypatch.setattr(triton_na, "_candidates",
+                        lambda k, r: [config] if k == kind else [triton_na._CANDIDATES[k][r][0]])
+    monkeypatch.setattr(triton_na, "_CALLS", CallCache())
+    spatial, kernel, dilation, stride = _CANDIDATE_CASES[rank]
+    q, k, v, rpb = _inputs(spatial, kernel, 16, True)
+    grad = torch.randn(q.shape, device=DEVICE)
+    got = _fwd_bwd(FN[rank], q, k, v, rpb, grad, "triton", kernel, dilation, stride)
+    want = _fwd_bwd(FN[rank], q, k, v, rpb, grad, "reference", kernel, dilation, stride)
+    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_strided_views_and_mixed_layouts():
     """q, k, v sliced from a fused qkv (shared strides), a contiguous k beside them (copied to a
     common layout) and a non-contiguous incoming gradient."""

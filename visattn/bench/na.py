@@ -102,11 +102,14 @@ def _runners(shape: NAShape, qkv: torch.Tensor, rpb: torch.Tensor, backward: boo
     k, d, s = shape.kernel_size, shape.dilation, shape.stride
     leaf_qkv = qkv.detach().requires_grad_(backward)
     leaf_rpb = rpb.detach().requires_grad_(backward)
-    q, k_, v = leaf_qkv.unbind(3)
+    # q, k, v are sliced inside each call, as a model slices its projection: views made once
+    # outside would keep qkv's gradient accumulator (and the stream it was made on, the default
+    # one) alive across calls, which a CUDA graph capture of the backward cannot wait on.
     runners: Dict[str, Tuple[Runner, list]] = {
-        "triton": (lambda: na2d(q, k_, v, k, d, s, rpb=leaf_rpb, backend="triton"), [leaf_qkv, leaf_rpb]),
-        "triton no-rpb": (lambda: na2d(q, k_, v, k, d, s, backend="triton"), [leaf_qkv]),
-        "reference": (lambda: na2d(q, k_, v, k, d, s, rpb=leaf_rpb, backend="reference"), [leaf_qkv, leaf_rpb]),
+        "triton": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, rpb=leaf_rpb, backend="triton"), [leaf_qkv, leaf_rpb]),
+        "triton no-rpb": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, backend="triton"), [leaf_qkv]),
+        "reference": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, rpb=leaf_rpb, backend="reference"),
+                      [leaf_qkv, leaf_rpb]),
     }
     # flex and SDPA get their preferred layout, [B, heads, tokens, D], contiguous.
     heads_first = [t.detach().permute(0, 3, 1, 2, 4).reshape(B, heads, H * W, D).contiguous().requires_grad_(backward)
@@ -130,7 +133,7 @@ def _runners(shape: NAShape, qkv: torch.Tensor, rpb: torch.Tensor, backward: boo
     else:
         runners["natten no-rpb"] = (
             # Without libnatten (no CUDA build here) natten runs on its flex backend; compile it as for flex.
-            lambda: natten.na2d(q, k_, v, kernel_size=k, dilation=d, stride=s, torch_compile=True), [leaf_qkv]
+            lambda: natten.na2d(*leaf_qkv.unbind(3), kernel_size=k, dilation=d, stride=s, torch_compile=True), [leaf_qkv]
         )
     runners["sdpa dense"] = (lambda: F.scaled_dot_product_attention(fq, fk, fv), heads_first)
     return runners
