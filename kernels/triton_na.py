@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._checks import NAParams
-from ._triton_common import LOG2E, CallCache, KernelCall, dot, interpreting, unsupported_reason
+from ._triton_common import CallCache, KernelCall, dot, interpreting, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
@@ -130,6 +130,31 @@ def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, D
             + (pw * DW + gw).to(tl.int64) * s_w)
 
 
+@triton.jit
+def _q_unit(HAS_RPB: tl.constexpr):
+    """What q is multiplied by besides the scale (rounded once to its dtype, in every kernel alike):
+    1 with rpb, so the logits are natural like the bias; log2(e) without, so they are base 2."""
+    if HAS_RPB:
+        return 1.0
+    return 1.4426950408889634
+
+
+@triton.jit
+def _base2_unit(HAS_RPB: tl.constexpr):
+    """The factor from the logits ``u`` to base-2 logits: ``log2(e) / _q_unit``."""
+    if HAS_RPB:
+        return 1.4426950408889634
+    return 1.0
+
+
+@triton.jit
+def _logits(qk, rpb_ptrs, in_window, HAS_RPB: tl.constexpr):
+    """A step's logits ``u = q_s . k (+ rpb)`` (fp32), -inf outside the windows, so exp2 zeroes
+    those keys without a select. exp2 takes ``u * _base2_unit - m2``: with rpb one fused
+    multiply-add per element, without one add (q_s carries log2(e))."""
+    if HAS_RPB:
+        return qk + tl.load(rpb_ptrs, mask=in_window, other=float("-inf")).to(tl.float32)
+    return tl.where(in_window, qk, float("-inf"))
 
 
 @triton.jit
@@ -138,7 +163,7 @@ def _na_fwd_kernel(
     s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
-    T, H, W, HEADS, HEAD_DIM, qk_scale,
+    T, H, W, HEADS, HEAD_DIM, scale,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -156,14 +181,15 @@ def _na_fwd_kernel(
     d_valid = offs_d < HEAD_DIM
     q_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * s_id, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
-    # Scale (and log2(e), for exp2) folded into q once.
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)  # q_s, as in the backward
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
-    rpb_cols = n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
+    # rpb pointers of the first step; a step (a, r) of the walk adds a * s_rt + r * s_rh.
+    rpb_first = rpb_ptr + (n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
+                           + ((halo_t - qt + KT - 1) * s_rt)[:, None] + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
 
-    # Keys outside a query's window get the logit -inf (through the rpb load where there is one),
-    # so exp2 zeroes them without a second select; m_safe keeps rows with no key yet at 0 not NaN.
+    # Keys outside a query's window get the logit -inf, so exp2 zeroes them without a second
+    # select; m_safe keeps rows with no key yet at 0, not NaN. m_i is the running max of u.
     m_i = tl.full([TQ], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ], tl.float32)
     acc = tl.zeros([TQ, BLOCK_D], tl.float32)
@@ -179,16 +205,11 @@ def _na_fwd_kernel(
             kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            s = dot(q, tl.trans(k), IEEE)  # [TQ, BLOCK_K], base-2 logits
-            if HAS_RPB:
-                rpb_off = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
-                s += tl.load(rpb_ptr + rpb_off, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-            else:
-                s = tl.where(in_window, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            u = _logits(dot(q, tl.trans(k), IEEE), rpb_first + (a * s_rt + r * s_rh), in_window, HAS_RPB)
+            m_new = tl.maximum(m_i, tl.max(u, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2((m_i - m_safe) * _base2_unit(HAS_RPB))
+            p = tl.exp2(u * _base2_unit(HAS_RPB) - (m_safe * _base2_unit(HAS_RPB))[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
@@ -197,7 +218,7 @@ def _na_fwd_kernel(
     out = acc / l_i[:, None]
     # Base-2 log-sum-exp per query, [B, heads, T * H * W] contiguous, for the backward.
     lse_off = (b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw * DW + gw
-    tl.store(lse_ptr + lse_off, m_i + tl.log2(l_i), mask=q_valid)
+    tl.store(lse_ptr + lse_off, m_i * _base2_unit(HAS_RPB) + tl.log2(l_i), mask=q_valid)
     o_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
     tl.store(out_ptr + o_off[:, None] + offs_d[None, :] * s_od, out.to(out_ptr.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])
@@ -209,7 +230,7 @@ def _na_bwd_dq_kernel(
     s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
-    T, H, W, HEADS, HEAD_DIM, qk_scale, scale, RPB_SLOTS, RPB_NUMEL,
+    T, H, W, HEADS, HEAD_DIM, scale, RPB_SLOTS, RPB_NUMEL,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -230,7 +251,7 @@ def _na_bwd_dq_kernel(
     q_mask = q_valid[:, None] & d_valid[None, :]
     q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                 + offs_d[None, :] * s_id, mask=q_mask, other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)
     do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
                  + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
     o = tl.load(out_ptr + _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
@@ -242,7 +263,9 @@ def _na_bwd_dq_kernel(
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
     in_cols = in_cols & q_valid[:, None]
-    rpb_cols = (kx[None, :] - qw[:, None] + KW - 1) * s_rw
+    # rpb (and rpb-gradient scratch) offsets of the first step; a step (a, r) adds a * s_rt + r * s_rh.
+    rel_first = ((kx[None, :] - qw[:, None] + KW - 1) * s_rw + ((halo_t - qt + KT - 1) * s_rt)[:, None]
+                 + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
     # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
     slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS
     drpb_base = drpb_ptr + (n * RPB_SLOTS + slot) * RPB_NUMEL
@@ -281,13 +304,9 @@ def _na_bwd_dq_kernel(
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            s = dot(q, tl.trans(k), IEEE)
-            rel = rpb_cols + ((kt - qt + KT - 1) * s_rt)[:, None] + (ky[None, :] - qh[:, None] + KH - 1) * s_rh
-            if HAS_RPB:  # -inf outside the windows, as in the forward: exp2 zeroes them
-                s += tl.load(rpb_ptr + n * s_rn + rel, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-            else:
-                s = tl.where(in_window, s, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
+            rel = rel_first + (a * s_rt + r * s_rh)
+            u = _logits(dot(q, tl.trans(k), IEEE), rpb_ptr + n * s_rn + rel, in_window, HAS_RPB)
+            p = tl.exp2(u * _base2_unit(HAS_RPB) - lse[:, None])  # 0 outside the windows (-inf logits)
             dp = dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
             if HAS_RPB:
@@ -327,7 +346,7 @@ def _na_bwd_dkdv_kernel(
     s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
-    T, H, W, HEADS, HEAD_DIM, qk_scale,
+    T, H, W, HEADS, HEAD_DIM, scale,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -354,6 +373,9 @@ def _na_bwd_dkdv_kernel(
     v = tl.load(v_ptr + _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                 + offs_d[None, :] * s_id, mask=k_mask, other=0.0)
 
+    # The key side of the rpb offsets (the query side is subtracted per block).
+    rel_keys = n * s_rn + (kt + KT - 1) * s_rt + (kh + KH - 1) * s_rh + (kw + KW - 1) * s_rw
+
     dk = tl.zeros([TK, BLOCK_D], tl.float32)
     dv = tl.zeros([TK, BLOCK_D], tl.float32)
     for qt in range(lo_t, hi_t + 1):
@@ -372,20 +394,16 @@ def _na_bwd_dkdv_kernel(
                 q_mask = qw_valid[:, None] & d_valid[None, :]
                 q = tl.load(q_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                             + offs_d[None, :] * s_id, mask=q_mask, other=0.0)
-                q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+                q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)
                 do = tl.load(do_ptr + _offsets(b, n, qt, qh, qw_c, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
                              + offs_d[None, :] * s_od, mask=q_mask, other=0.0)
                 stat_off = ((b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw_c * DW + gw)
                 lse = tl.load(lse_ptr + stat_off, mask=qw_valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_off, mask=qw_valid, other=0.0)
-                s_t = dot(k, tl.trans(q), IEEE)  # [TK, BLOCK_QW]: logits transposed, base 2
-                if HAS_RPB:
-                    rel = (n * s_rn + ((kt - qt + KT - 1) * s_rt + (kh - qh + KH - 1) * s_rh)[:, None]
-                           + (kw[:, None] - qw_c[None, :] + KW - 1) * s_rw)
-                    s_t += tl.load(rpb_ptr + rel, mask=in_window, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-                else:
-                    s_t = tl.where(in_window, s_t, float("-inf"))
-                p_t = tl.exp2(s_t - lse[None, :])  # 0 outside the windows (-inf logits)
+                rel = rel_keys[:, None] - (qt * s_rt + qh * s_rh + qw_c * s_rw)[None, :]
+                # [TK, BLOCK_QW]: the logits transposed; 0 outside the windows (-inf logits).
+                u_t = _logits(dot(k, tl.trans(q), IEEE), rpb_ptr + rel, in_window, HAS_RPB)
+                p_t = tl.exp2(u_t * _base2_unit(HAS_RPB) - lse[None, :])
                 dp_t = dot(v, tl.trans(do), IEEE)
                 ds_t = p_t * (dp_t - delta[None, :])
                 if IEEE:
@@ -394,8 +412,7 @@ def _na_bwd_dkdv_kernel(
                 else:
                     dv += dot(p_t.to(do.dtype), do, IEEE)
                     dk += dot(ds_t.to(q.dtype), q, IEEE)
-    # q carried scale * log2(e): dK needs scale alone.
-    dk = dk * (1.0 / 1.4426950408889634)
+    dk = dk * (1.0 / _q_unit(HAS_RPB))  # dS is the gradient of the natural logits: dK = dS q_s / _q_unit
     dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
     tl.store(dk_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dv_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
@@ -524,12 +541,12 @@ def _geometry(q_shape: Sequence[int], dtype: torch.dtype, params: NAParams, cfg:
 
 def _tensor_scalars(key: tuple) -> tuple:
     """The scalar arguments every kernel takes after its pointers: strides of the inputs, of the
-    (contiguous) outputs and of the rpb, the lifted sizes, heads, head_dim and the base-2 scale."""
+    (contiguous) outputs and of the rpb, the lifted sizes, heads, head_dim and the logit scale."""
     params, q_shape, q_strides, _, rpb_strides = key[1:6]
     rank = len(params.spatial)
     return (*_lift_strides(q_strides, rank), *_lift_strides(_contiguous_strides(q_shape), rank),
             *(rpb_strides or (0, 0, 0, 0)), *((1,) * (3 - rank) + tuple(params.spatial)),
-            q_shape[-2], q_shape[-1], params.scale * LOG2E)
+            q_shape[-2], q_shape[-1], params.scale)
 
 
 def _fwd_call(key: tuple, cfg: LaunchConfig) -> KernelCall:
@@ -554,7 +571,7 @@ def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tupl
                 HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
                 # The register tile of the rpb gradient, where it fits (rows: every (dt, dy) offset).
                 RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr)
-    dq = KernelCall(_na_bwd_dq_kernel, grid, tensor_scalars + (params.scale, _RPB_SLOTS, rpb_numel), meta)
+    dq = KernelCall(_na_bwd_dq_kernel, grid, tensor_scalars + (_RPB_SLOTS, rpb_numel), meta)
 
     grid, meta = _geometry(q_shape, dtype, params, cfg_dkdv)
     meta.update(BLOCK_QW=_pow2_at_least(cfg_dkdv.tile[2] + 2 * (meta["KW"] // 2) + meta["SW"]), HAS_RPB=has_rpb)

@@ -162,3 +162,27 @@ def test_cli_imports_a_benchmark_only_to_run_it():
     assert out.strip() == "[]"
     with pytest.raises(SystemExit):
         main(["bench", "model", "--timings", "sometimes"])
+
+
+def test_sass_tool_counts_the_forward_loop():
+    """tools/sass_na.py compiles a kernel for sm_90 without a GPU, as JITFunction.run would specialize
+    it, and finds its key-row loop in the disassembly (matrix products and exp2 inside). It runs in
+    a process without TRITON_INTERPRET, whose kernels cannot be compiled."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("this triton build ships no nvdisasm")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(root, "tools", "sass_na.py"), "--kernels", "fwd"],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    blocks = result.stdout.split("fwd ")[1:]
+    assert len(blocks) == 2, result.stdout  # with and without rpb
+    for block in blocks:
+        loops = [line for line in block.splitlines() if line.strip().startswith("loop of")]
+        assert len(loops) == 1 and "HMMA" in loops[0] and "MUFU" in loops[0], result.stdout
