@@ -263,9 +263,10 @@ def _na_bwd_dq_kernel(
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
     in_cols = in_cols & q_valid[:, None]
-    # rpb (and rpb-gradient scratch) offsets of the first step; a step (a, r) adds a * s_rt + r * s_rh.
+    # rpb-gradient scratch offsets and rpb pointers of the first step; a step (a, r) adds a * s_rt + r * s_rh.
     rel_first = ((kx[None, :] - qw[:, None] + KW - 1) * s_rw + ((halo_t - qt + KT - 1) * s_rt)[:, None]
                  + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
+    rpb_first = rpb_ptr + n * s_rn + rel_first
     # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
     slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS
     drpb_base = drpb_ptr + (n * RPB_SLOTS + slot) * RPB_NUMEL
@@ -304,8 +305,8 @@ def _na_bwd_dq_kernel(
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
                         + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            rel = rel_first + (a * s_rt + r * s_rh)
-            u = _logits(dot(q, tl.trans(k), IEEE), rpb_ptr + n * s_rn + rel, in_window, HAS_RPB)
+            step = a * s_rt + r * s_rh
+            u = _logits(dot(q, tl.trans(k), IEEE), rpb_first + step, in_window, HAS_RPB)
             p = tl.exp2(u * _base2_unit(HAS_RPB) - lse[:, None])  # 0 outside the windows (-inf logits)
             dp = dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])  # gradient of the (natural) logits
@@ -324,7 +325,7 @@ def _na_bwd_dq_kernel(
                         ok = row_ok[:, None] & (y < 2 * KW - 1)[None, :]
                         tl.atomic_add(drpb_base + (rt * s_rt + rh * s_rh)[:, None] + y[None, :] * s_rw, part, mask=ok)
                 else:
-                    tl.atomic_add(drpb_base + rel, ds, mask=in_window)
+                    tl.atomic_add(drpb_base + rel_first + step, ds, mask=in_window)
             if IEEE:
                 dq += dot(ds, k.to(tl.float32), IEEE)
             else:
@@ -374,7 +375,7 @@ def _na_bwd_dkdv_kernel(
                 + offs_d[None, :] * s_id, mask=k_mask, other=0.0)
 
     # The key side of the rpb offsets (the query side is subtracted per block).
-    rel_keys = n * s_rn + (kt + KT - 1) * s_rt + (kh + KH - 1) * s_rh + (kw + KW - 1) * s_rw
+    rpb_keys = rpb_ptr + (n * s_rn + (kt + KT - 1) * s_rt + (kh + KH - 1) * s_rh + (kw + KW - 1) * s_rw)
 
     dk = tl.zeros([TK, BLOCK_D], tl.float32)
     dv = tl.zeros([TK, BLOCK_D], tl.float32)
@@ -400,9 +401,9 @@ def _na_bwd_dkdv_kernel(
                 stat_off = ((b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw_c * DW + gw)
                 lse = tl.load(lse_ptr + stat_off, mask=qw_valid, other=0.0)
                 delta = tl.load(delta_ptr + stat_off, mask=qw_valid, other=0.0)
-                rel = rel_keys[:, None] - (qt * s_rt + qh * s_rh + qw_c * s_rw)[None, :]
                 # [TK, BLOCK_QW]: the logits transposed; 0 outside the windows (-inf logits).
-                u_t = _logits(dot(k, tl.trans(q), IEEE), rpb_ptr + rel, in_window, HAS_RPB)
+                u_t = _logits(dot(k, tl.trans(q), IEEE), rpb_keys[:, None] - (qt * s_rt + qh * s_rh + qw_c * s_rw)[None, :],
+                              in_window, HAS_RPB)
                 p_t = tl.exp2(u_t * _base2_unit(HAS_RPB) - lse[None, :])
                 dp_t = dot(v, tl.trans(do), IEEE)
                 ds_t = p_t * (dp_t - delta[None, :])
