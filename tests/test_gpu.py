@@ -95,6 +95,32 @@ def test_triton_na_matches_fp64_reference(spatial, heads, head_dim, kernel, dila
         assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("kind", ["fwd", "bwd_dq", "bwd_dkdv"])
+def test_every_2d_tuning_candidate_on_cuda(monkeypatch, kind):
+    """Each 2-D launch candidate of each kernel (the tuner may pick any; the others at their
+    defaults) in bf16 on the GPU, ragged sizes, rpb and dilation, against the fp64 reference."""
+    from visattn.kernels import na2d, triton_na
+    from visattn.kernels._triton_common import CallCache
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 30, 27, 2, 32, device="cuda") for _ in range(3))
+    rpb = torch.randn(2, 13, 13, device="cuda")
+    grad = torch.randn_like(q)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, rpb)]
+    ref = na2d(*ref_in[:3], 7, (1, 2), rpb=ref_in[3], backend="reference")
+    want = [ref, *torch.autograd.grad(ref, ref_in, grad.double())]
+    for config in triton_na._CANDIDATES[kind][2]:
+        monkeypatch.setattr(triton_na, "_candidates",
+                            lambda k_, r, c=config: [c] if k_ == kind else [triton_na._CANDIDATES[k_][r][0]])
+        monkeypatch.setattr(triton_na, "_CALLS", CallCache())
+        inputs = [t.bfloat16().requires_grad_() for t in (q, k, v, rpb)]
+        out = na2d(*inputs[:3], 7, (1, 2), rpb=inputs[3], backend="triton")
+        got = [out, *torch.autograd.grad(out, inputs, grad.bfloat16())]
+        for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
+            rel = ((g.double() - w).norm() / w.norm()).item()
+            assert rel < NA_TOLERANCE[torch.bfloat16], f"{config} {name}: relative error {rel:.2e}"
+
+
 def test_auto_uses_triton_on_cuda_and_warns_once_on_fallback():
     from visattn.kernels import _checks, na2d
     from visattn.kernels import na as na_module
