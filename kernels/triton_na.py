@@ -123,6 +123,16 @@ def _step_columns(halo_w, len_w, start_w, KW: tl.constexpr, ROWS: tl.constexpr, 
 
 
 @triton.jit
+def _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw,
+                            KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """[TQ, ROWS * BLOCK_KW] offsets of the rpb entries (and of the rpb-gradient scratch, which has
+    the rpb's strides) for the first step of the query-centric walk; step (a, r) adds
+    ``a * s_rt + r * s_rh``, so the walk adds one scalar instead of recomputing them."""
+    return ((kx[None, :] - qw[:, None] + KW - 1) * s_rw + ((halo_t - qt + KT - 1) * s_rt)[:, None]
+            + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
+
+
+@triton.jit
 def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
              s_b, s_t, s_h, s_w, s_n):
     """Element offsets of sub-grid positions (pt, ph, pw) in a [B, T, H, W, heads, D] tensor."""
@@ -184,9 +194,8 @@ def _na_fwd_kernel(
     q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)  # q_s, as in the backward
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
-    # rpb pointers of the first step; a step (a, r) of the walk adds a * s_rt + r * s_rh.
-    rpb_first = rpb_ptr + (n * s_rn + (kx[None, :] - qw[:, None] + KW - 1) * s_rw
-                           + ((halo_t - qt + KT - 1) * s_rt)[:, None] + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
+    rpb_first = rpb_ptr + n * s_rn + _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw,
+                                                              KT, KH, KW)
 
     # Keys outside a query's window get the logit -inf, so exp2 zeroes them without a second
     # select; m_safe keeps rows with no key yet at 0, not NaN. m_i is the running max of u.
@@ -263,9 +272,7 @@ def _na_bwd_dq_kernel(
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
     in_cols = in_cols & q_valid[:, None]
-    # rpb-gradient scratch offsets and rpb pointers of the first step; a step (a, r) adds a * s_rt + r * s_rh.
-    rel_first = ((kx[None, :] - qw[:, None] + KW - 1) * s_rw + ((halo_t - qt + KT - 1) * s_rt)[:, None]
-                 + ((halo_h + kr)[None, :] - qh[:, None] + KH - 1) * s_rh)
+    rel_first = _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw, KT, KH, KW)
     rpb_first = rpb_ptr + n * s_rn + rel_first
     # This program's slot of partial rpb-gradient sums, [heads, RPB_SLOTS, RPB_NUMEL] contiguous.
     slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0) + b * tl.num_programs(0) * tl.num_programs(2)) % RPB_SLOTS

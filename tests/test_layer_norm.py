@@ -143,7 +143,6 @@ def test_module_is_a_drop_in_for_nn_layernorm():
     torch.testing.assert_close(scripted(x), ref(x), rtol=0, atol=0)
 
 
-
 # Reduced models of every family whose blocks set autocast_norm_output, and an input for each.
 _AUTOCAST_NORM_MODELS = {
     "dinat": ("visattn_dinat_t", dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2,
