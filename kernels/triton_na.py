@@ -5,8 +5,9 @@ Every call is lifted to three spatial axes ``(T, H, W)`` (a 2-D call has ``T == 
 interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
 
 * Forward, query-centric: a program owns a tile of ``TILE_T x TILE_H x TILE_W`` queries. Their
-  windows lie inside a key *halo* of ``TILE + kernel + stride - 2`` positions per axis; the program
-  walks the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
+  windows lie inside a key *halo* per axis (``TILE + kernel - 1`` positions without stride; with
+  stride as few as the tile's stride groups reach, ``kernel`` when the tile sits in one group, as
+  in window attention), computed exactly on the host (:func:`_axis_extents`); the program walks the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
   the whole query tile against them with ``tl.dot``, masks keys outside each query's own window,
   adds the rpb and folds the step into an online softmax (base 2). Only the output and the
   log-sum-exp reach memory: nothing of size ``N x k^d``.
@@ -16,7 +17,7 @@ interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
   fp32 scratch of ``_RPB_SLOTS`` partial sums per head (so concurrent programs rarely collide),
   summed afterwards. ``delta = rowsum(dO * O)`` is written for the second kernel.
 * Backward, key-centric (``_na_bwd_dkdv_kernel``): a program owns a tile of keys and walks the
-  queries whose windows can contain them (the inverse neighborhood, a box per axis), accumulating
+  queries whose windows contain them (the inverse neighborhood, an exact box per axis), accumulating
   dK and dV in registers: no atomics and no fp32 copies of the gradients.
 
 Launch configurations (tile shape, key rows per step, warps, pipeline stages) are tuned on the GPU once per shape
@@ -25,6 +26,8 @@ candidate is used.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._checks import NAParams
+from .reference import neighborhood_index
 from ._triton_common import CallCache, KernelCall, dot, interpreting, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
@@ -53,13 +57,14 @@ def _window_start(sub_pos, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _query_range(j0, j1, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
-    # Smallest box [lo, hi] of queries whose windows can contain a key in [j0, j1]; windows are
-    # monotone in the query, and the bounds follow from leader - (STRIDE-1) + STRIDE//2 <= ...
-    lo = tl.where(j0 <= KERNEL - 1, 0, tl.maximum(j0 - KERNEL // 2 - STRIDE // 2, 0))
-    hi = tl.where(j1 >= sub_len - KERNEL, sub_len - 1,
-                  tl.minimum(j1 + KERNEL // 2 + STRIDE - 1 - STRIDE // 2, sub_len - 1))
-    return lo, hi
+def _query_range(j0, j1, sub_len, KERNEL: tl.constexpr, STRIDE: tl.constexpr, SPAN: tl.constexpr):
+    # The queries [lo, hi] whose windows reach a key in [j0, j1] (empty: lo > hi). Windows are
+    # monotone in the query, and no query below j0 - KERNEL - STRIDE + 1 reaches j0, so SPAN
+    # candidates from there (SPAN >= tile + 2 * (KERNEL + STRIDE)) hold every one of them.
+    cand = tl.maximum(j0 - KERNEL - STRIDE + 1, 0) + tl.arange(0, SPAN)
+    start = _window_start(tl.minimum(cand, sub_len - 1), sub_len, KERNEL, STRIDE)
+    hit = (cand < sub_len) & (start <= j1) & (start + KERNEL > j0)
+    return tl.min(tl.where(hit, cand, sub_len), axis=0), tl.max(tl.where(hit, cand, -1), axis=0)
 
 
 @triton.jit
@@ -177,15 +182,13 @@ def _na_fwd_kernel(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
     (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
      start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
         T, H, W, HEADS, KT, KH, KW, DT, DH, DW, ST, SH, SW, TILE_T, TILE_H, TILE_W)
     TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
-    HALO_T: tl.constexpr = TILE_T + KT + ST - 2
-    HALO_H: tl.constexpr = TILE_H + KH + SH - 2
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -243,8 +246,8 @@ def _na_bwd_dq_kernel(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_KW: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
     RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr, RPB_ACC: tl.constexpr, BLOCK_RR: tl.constexpr,
 ):
     # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
@@ -252,8 +255,6 @@ def _na_bwd_dq_kernel(
      start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
         T, H, W, HEADS, KT, KH, KW, DT, DH, DW, ST, SH, SW, TILE_T, TILE_H, TILE_W)
     TQ: tl.constexpr = TILE_T * TILE_H * TILE_W
-    HALO_T: tl.constexpr = TILE_T + KT + ST - 2
-    HALO_H: tl.constexpr = TILE_H + KH + SH - 2
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -359,6 +360,7 @@ def _na_bwd_dkdv_kernel(
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_QW: tl.constexpr,
+    SPAN_T: tl.constexpr, SPAN_H: tl.constexpr, SPAN_W: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Key-centric: this program's keys, against every query row of their inverse neighborhood, in
@@ -369,9 +371,9 @@ def _na_bwd_dkdv_kernel(
     n = tl.program_id(1) % HEADS
     TK: tl.constexpr = TILE_T * TILE_H * TILE_W
 
-    lo_t, hi_t = _query_range(t0, tl.minimum(t0 + TILE_T, len_t) - 1, len_t, KT, ST)
-    lo_h, hi_h = _query_range(h0, tl.minimum(h0 + TILE_H, len_h) - 1, len_h, KH, SH)
-    lo_w, hi_w = _query_range(w0, tl.minimum(w0 + TILE_W, len_w) - 1, len_w, KW, SW)
+    lo_t, hi_t = _query_range(t0, tl.minimum(t0 + TILE_T, len_t) - 1, len_t, KT, ST, SPAN_T)
+    lo_h, hi_h = _query_range(h0, tl.minimum(h0 + TILE_H, len_h) - 1, len_h, KH, SH, SPAN_H)
+    lo_w, hi_w = _query_range(w0, tl.minimum(w0 + TILE_W, len_w) - 1, len_w, KW, SW, SPAN_W)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -547,6 +549,35 @@ def _geometry(q_shape: Sequence[int], dtype: torch.dtype, params: NAParams, cfg:
     return grid, meta
 
 
+@functools.lru_cache(maxsize=1024)
+def _axis_extents(length: int, kernel: int, dilation: int, stride: int, tile: int) -> Tuple[int, int]:
+    """Exact extents on one axis, over every tile of ``tile`` sub-grid positions of every dilation
+    group: the most keys the windows of a query tile span (the query-centric walk's halo) and the
+    most queries whose windows reach a key tile (the key-centric walk's range)."""
+    halo = reach = 0
+    for sub_len in {(length - g + dilation - 1) // dilation for g in range(dilation)}:
+        starts = neighborhood_index(sub_len, kernel, 1, stride, torch.device("cpu"))[0][:, 0].tolist()
+        for t0 in range(0, sub_len, tile):
+            t1 = min(t0 + tile, sub_len) - 1
+            halo = max(halo, starts[t1] - starts[t0] + kernel)
+            # Window starts are monotone: the queries reaching [t0, t1] are those starting in (t0 - kernel, t1].
+            reach = max(reach, bisect.bisect_right(starts, t1) - bisect.bisect_right(starts, t0 - kernel))
+    return halo, reach
+
+
+def _extents(params: NAParams, tile: Sequence[int]) -> Tuple[tuple, tuple]:
+    """Per lifted axis (T, H, W): the halos and the reaches of :func:`_axis_extents`."""
+    spatial = (1,) * (3 - len(params.spatial)) + tuple(params.spatial)
+    axes = [_axis_extents(*args) for args in zip(spatial, *_lift_params(params), tile)]
+    return tuple(a[0] for a in axes), tuple(a[1] for a in axes)
+
+
+def _walk_meta(params: NAParams, cfg: LaunchConfig) -> dict:
+    """Constexprs of the query-centric walk: its halo rows (T, H) and columns (W, a power of two)."""
+    (halo_t, halo_h, halo_w), _ = _extents(params, cfg.tile)
+    return dict(HALO_T=halo_t, HALO_H=halo_h, BLOCK_KW=_pow2_at_least(halo_w), ROWS=cfg.rows)
+
+
 def _tensor_scalars(key: tuple) -> tuple:
     """The scalar arguments every kernel takes after its pointers: strides of the inputs, of the
     (contiguous) outputs and of the rpb, the lifted sizes, heads, head_dim and the logit scale."""
@@ -560,8 +591,7 @@ def _tensor_scalars(key: tuple) -> tuple:
 def _fwd_call(key: tuple, cfg: LaunchConfig) -> KernelCall:
     params, q_shape, _, dtype, rpb_strides = key[1:6]
     grid, meta = _geometry(q_shape, dtype, params, cfg)
-    meta.update(BLOCK_KW=_pow2_at_least(cfg.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg.rows,
-                HAS_RPB=rpb_strides is not None)
+    meta.update(_walk_meta(params, cfg), HAS_RPB=rpb_strides is not None)
     return KernelCall(_na_fwd_kernel, grid, _tensor_scalars(key), meta)
 
 
@@ -575,14 +605,16 @@ def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tupl
     rpb_dot = has_rpb and cfg_dq.tile[0] * cfg_dq.tile[1] * cfg_dq.rows >= 16
     block_r = _pow2_at_least(2 * meta["KW"] - 1)
     block_rr = _pow2_at_least((2 * meta["KT"] - 1) * (2 * meta["KH"] - 1))
-    meta.update(BLOCK_KW=_pow2_at_least(cfg_dq.tile[2] + meta["KW"] + meta["SW"] - 2), ROWS=cfg_dq.rows,
-                HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
+    meta.update(_walk_meta(params, cfg_dq), HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
                 # The register tile of the rpb gradient, where it fits (rows: every (dt, dy) offset).
                 RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr)
     dq = KernelCall(_na_bwd_dq_kernel, grid, tensor_scalars + (_RPB_SLOTS, rpb_numel), meta)
 
     grid, meta = _geometry(q_shape, dtype, params, cfg_dkdv)
-    meta.update(BLOCK_QW=_pow2_at_least(cfg_dkdv.tile[2] + 2 * (meta["KW"] // 2) + meta["SW"]), HAS_RPB=has_rpb)
+    _, (_, _, reach_w) = _extents(params, cfg_dkdv.tile)
+    spans = {f"SPAN_{axis}": _pow2_at_least(tile + 2 * (meta[f"K{axis}"] + meta[f"S{axis}"]))
+             for axis, tile in zip("THW", cfg_dkdv.tile)}
+    meta.update(BLOCK_QW=_pow2_at_least(reach_w), HAS_RPB=has_rpb, **spans)
     return dq, KernelCall(_na_bwd_dkdv_kernel, grid, tensor_scalars, meta)
 
 

@@ -10,6 +10,7 @@ import torch
 from visattn.kernels import available_backends, na1d, na2d, na3d
 from visattn.kernels import triton_na
 from visattn.kernels._triton_common import CallCache, KernelCall
+from visattn.kernels.reference import neighborhood_index
 from visattn.kernels.triton_na import LaunchConfig
 
 # CUDA when there is one; otherwise CPU through the interpreter.
@@ -22,6 +23,7 @@ CASES = [
     pytest.param((14, 17), 5, 2, 3, True, 16, id="2d-dil2-stride3"),
     pytest.param((20, 13), 3, 3, 2, False, 32, id="2d-no-rpb"),
     pytest.param((12, 12), 7, 1, 7, True, 16, id="2d-window7"),
+    pytest.param((16, 20), 8, 1, 8, True, 16, id="2d-window8-tiles-inside"),
     pytest.param((16, 19), (3, 5), (2, 1), (1, 2), True, 24, id="2d-per-axis-d24"),
     pytest.param((12, 13), 4, 1, 4, True, 16, id="2d-even-window4"),
     pytest.param((11, 10), (2, 6), (1, 1), (1, 3), True, 16, id="2d-even-per-axis"),
@@ -111,6 +113,32 @@ def test_every_tuning_candidate_matches_reference(monkeypatch, kind, rank, confi
     want = _fwd_bwd(FN[rank], q, k, v, rpb, grad, "reference", kernel, dilation, stride)
     for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("length, kernel, dilation, stride, tile", [
+    (56, 7, 1, 1, 8), (56, 7, 8, 1, 4), (64, 16, 1, 16, 4), (64, 16, 1, 16, 16), (12, 7, 1, 7, 8),
+    (23, 5, 2, 3, 8), (13, 4, 1, 4, 2), (30, 9, 1, 4, 8),
+])
+def test_axis_extents_match_the_windows(length, kernel, dilation, stride, tile):
+    """The kernels' per-axis halo and reach are the exact extents of the reference's windows: over
+    every tile of sub-grid positions, the keys its queries see and the queries that see its keys."""
+    keys = neighborhood_index(length, kernel, dilation, stride, torch.device("cpu"))[0]
+    halo = reach = 0
+    for group in range(dilation):
+        positions = list(range(group, length, dilation))
+        for t0 in range(0, len(positions), tile):
+            tile_pos = positions[t0:t0 + tile]
+            seen = keys[tile_pos].flatten()
+            halo = max(halo, int(seen.max() - seen.min()) // dilation + 1)
+            reach = max(reach, int(torch.isin(keys[positions], torch.tensor(tile_pos)).any(1).sum()))
+    assert triton_na._axis_extents(length, kernel, dilation, stride, tile) == (halo, reach)
+
+
+def test_window_attention_walks_one_window():
+    """Window attention (stride == kernel) with tiles inside one window: the walk covers exactly
+    the window, not the strided worst case of tile + kernel + stride - 2 positions."""
+    assert triton_na._axis_extents(64, 16, 1, 16, 8) == (16, 16)
+    assert triton_na._axis_extents(56, 7, 1, 1, 8) == (14, 14)
 
 
 def test_strided_views_and_mixed_layouts():
