@@ -440,6 +440,9 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
 
+    def __str__(self) -> str:
+        return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}"
+
 
 # Candidates per kernel and rank, the interpreter's default first. Few on purpose: every candidate
 # is a compilation (about a second) per kernel and shape class. 2-D lists from tools/tune_na.py on

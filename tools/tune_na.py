@@ -54,8 +54,7 @@ def main() -> None:
         print(f"== {shape.name} (rpb={rpb is not None}) tuned in {time.time() - t0:.0f}s", flush=True)
         for key, timings in triton_na.TIMINGS.items():
             ranked = sorted(timings.items(), key=lambda kv: kv[1])
-            print(f"  {key[0]:9s} " + "  ".join(f"{'x'.join(map(str, c.tile))}/r{c.rows}/w{c.num_warps}/s{c.num_stages}"
-                                              f"={ms:.4f}" for c, ms in ranked), flush=True)
+            print(f"  {key[0]:9s} " + "  ".join(f"{c}={ms:.4f}" for c, ms in ranked), flush=True)
 
 
 if __name__ == "__main__":

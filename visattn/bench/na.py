@@ -23,7 +23,7 @@ from visattn.bench.common import (
     copy_bandwidth, device_name, format_table, graph_time_ms, peak_extra_bytes, require_cuda, save_results, select_shapes,
     time_ms,
 )
-from visattn.kernels import na2d
+from visattn.kernels import na2d, triton_na
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
     qkv, rpb = _make_inputs(shape, dtype)
     tensor_bytes = qkv.numel() // 3 * qkv.element_size()  # one of q, k, v, out
     results = []
+    tuned_before = set(triton_na._TUNED)
     for mode in ("fwd", "fwd+bwd"):
         backward = mode == "fwd+bwd"
         # A fresh dynamo cache per case: flex recompiles per shape and grad mode, and past dynamo's
@@ -197,6 +198,10 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
                 row["errors"][name] = _error(exc)
             for t in leaves:
                 t.grad = None
+        # The launch candidates the tuner picked for this case (kernel, with / without rpb).
+        row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na._TUNED.items()
+                        if key not in tuned_before}
+        tuned_before = set(triton_na._TUNED)
         n_tensors = 4 if not backward else 8  # q, k, v, out (+ their gradients)
         row["io_bytes"] = n_tensors * tensor_bytes
         row["roofline_ms"] = 4 * tensor_bytes / bandwidth * 1e3 if not backward else None
