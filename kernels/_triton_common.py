@@ -3,7 +3,7 @@ path with little host time per call."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import triton
@@ -36,6 +36,27 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     if not q.is_cuda and not interpreting():
         return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
     return None
+
+
+Config = TypeVar("Config")
+
+
+def fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> Tuple[Config, Dict[Config, float]]:
+    """The candidate whose ``launch`` takes the least GPU time (median ms by ``triton.testing.do_bench``)
+    and every candidate's time; the first candidate, untimed, under ``TRITON_INTERPRET=1`` (which
+    cannot time kernels) or with ``VISATTN_AUTOTUNE=0``. Candidates that run out of resources are
+    skipped; ``launch`` must be safe to repeat."""
+    if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
+        return candidates[0], {}
+    import triton.testing
+
+    timings = {}
+    for cfg in candidates:
+        try:
+            timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            continue
+    return min(timings, key=timings.get), timings
 
 
 @triton.jit

@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +38,7 @@ import triton.language as tl
 
 from ._checks import NAParams
 from .reference import neighborhood_index
-from ._triton_common import CallCache, KernelCall, dot, interpreting, unsupported_reason
+from ._triton_common import CallCache, KernelCall, dot, fastest, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
@@ -487,21 +486,14 @@ def _candidates(kind: str, rank: int) -> List[LaunchConfig]:
 
 def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:
     """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
-    or when ``VISATTN_AUTOTUNE=0``."""
-    if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
-        return _candidates(kind, rank)[0]
+    or when ``VISATTN_AUTOTUNE=0`` (:func:`fastest`)."""
     full_key = (kind, rank) + key
     if full_key not in _TUNED:
-        import triton.testing
-
-        timings = {}
-        for cfg in _candidates(kind, rank):
-            try:
-                timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-            except triton.runtime.errors.OutOfResources:
-                continue
+        best, timings = fastest(_candidates(kind, rank), launch)
+        if not timings:  # untimed: the default, not cached (a later call may tune)
+            return best
         TIMINGS[full_key] = timings
-        _TUNED[full_key] = min(timings, key=timings.get)
+        _TUNED[full_key] = best
     return _TUNED[full_key]
 
 

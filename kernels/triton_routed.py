@@ -18,20 +18,21 @@ concatenated sequence, each row gathered from its own region.
   the query regions that routed to it); a program owns ``BLOCK_K2`` keys of one region and walks
   the ``count * Tq`` queries of those regions in packed steps of ``BLOCK_Q2`` (query ``e`` is
   token ``e % Tq`` of the list's region ``e // Tq``), accumulating dK and dV in registers: no
-  atomics.
+  atomics. Its launch (step length, warps, stages) is tuned on the GPU per shape class
+  (:func:`_dkdv_candidates`): uneven routing makes one key region's walk the kernel's critical path.
 
 A region routed twice by one query region appears twice in both walks, so its tokens count twice,
 as in the reference's concatenation.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, CallCache, KernelCall, dot, unsupported_reason
+from ._triton_common import LOG2E, CallCache, KernelCall, dot, fastest, unsupported_reason
 
 
 @triton.jit
@@ -241,6 +242,30 @@ def _tiles(tq: int, tk: int, topk: int, head_dim: int) -> _Tiles:
                   d=max(16, triton.next_power_of_2(head_dim)))
 
 
+class DkdvConfig(NamedTuple):
+    """A launch of the key-centric dK / dV kernel."""
+    keys: int     # keys per program
+    queries: int  # packed routing queries per step
+    num_warps: int
+    num_stages: int
+
+
+def _dkdv_candidates(tiles: _Tiles) -> List[DkdvConfig]:
+    """Launch candidates of the dK / dV kernel, tuned on the GPU per shape class; the first (the
+    fixed tiles of :func:`_tiles`, Triton's default warps and stages) is the interpreter's. A key
+    region that many query regions routed to is one long walk (at BiFormer-S stage 1 with random
+    weights, 52 of 64): longer steps or more warps may shorten it; fewer keys per program (more
+    programs per region) measured slower on the H200."""
+    k2, q2 = tiles.k2, tiles.q2
+    return [DkdvConfig(k2, q2, 4, 3), DkdvConfig(k2, 2 * q2, 4, 3), DkdvConfig(k2, 2 * q2, 8, 3),
+            DkdvConfig(k2, q2, 8, 3), DkdvConfig(k2, q2, 4, 2)]
+
+
+# Tuned dK / dV launches per shape class, and every candidate's milliseconds (for the benchmarks).
+_TUNED_DKDV: Dict[tuple, DkdvConfig] = {}
+DKDV_TIMINGS: Dict[tuple, Dict[DkdvConfig, float]] = {}
+
+
 class _Geometry(NamedTuple):
     """Regions of one call: counts and tokens of the query / key regions, and the column counts of
     :func:`_offset` (1 and 1 for ``[B, R, T, heads, D]`` tensors)."""
@@ -331,6 +356,10 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
 
+    dq_tensors = (q, k, v, index, out, grad_out, lse, delta, dq)
+    offsets, regions = _invert_routing(index, geo.rk)
+    dkdv_tensors = (q, k, v, offsets, regions, grad_out, lse, delta, dk, dv)
+
     def build() -> Tuple[KernelCall, KernelCall]:
         B, heads, D = q.shape[0], q.shape[-2], q.shape[-1]
         topk = index.shape[-1]
@@ -342,17 +371,28 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             (*q_strides, *k_strides, *o_strides,
              geo.rq, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E, scale),
             dict(BLOCK_Q=tiles.q, BLOCK_K=tiles.k, BLOCK_D=tiles.d, IEEE=ieee))
-        dkdv_call = KernelCall(
-            _routed_bwd_dkdv_kernel, (geo.rk * triton.cdiv(geo.tk, tiles.k2), B * heads),
-            (*q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
-             geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E),
-            dict(BLOCK_Q=tiles.q2, BLOCK_K=tiles.k2, BLOCK_D=tiles.d, IEEE=ieee))
-        return dq_call, dkdv_call
+
+        def dkdv_call(cfg: DkdvConfig) -> KernelCall:
+            return KernelCall(
+                _routed_bwd_dkdv_kernel, (geo.rk * triton.cdiv(geo.tk, cfg.keys), B * heads),
+                (*q_strides, *k_strides, *_strides(grad_out, region_grid), *_strides(dk, region_grid),
+                 geo.rq, geo.rk, geo.tq, geo.tk, topk, heads, D, geo.region_cols, geo.token_cols, scale * LOG2E),
+                dict(BLOCK_Q=cfg.queries, BLOCK_K=cfg.keys, BLOCK_D=tiles.d, IEEE=ieee,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+        shape_class = (geo, topk, D, q.dtype, (B * heads).bit_length())
+        if shape_class not in _TUNED_DKDV:
+            dq_call(*dq_tensors)  # delta, which the dK / dV launches read while they are timed
+            best, timings = fastest(_dkdv_candidates(tiles), lambda cfg: dkdv_call(cfg)(*dkdv_tensors))
+            if not timings:  # untimed (interpreter, VISATTN_AUTOTUNE=0): the default
+                return dq_call, dkdv_call(best)
+            DKDV_TIMINGS[shape_class] = timings
+            _TUNED_DKDV[shape_class] = best
+        return dq_call, dkdv_call(_TUNED_DKDV[shape_class])
 
     dq_call, dkdv_call = _CALLS.get(_call_key("bwd", q, k, index, scale, region_grid), build)
-    dq_call(q, k, v, index, out, grad_out, lse, delta, dq)
-    offsets, regions = _invert_routing(index, geo.rk)
-    dkdv_call(q, k, v, offsets, regions, grad_out, lse, delta, dk, dv)
+    dq_call(*dq_tensors)
+    dkdv_call(*dkdv_tensors)
     return dq, dk, dv
 
 

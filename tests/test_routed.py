@@ -237,6 +237,30 @@ def test_triton_dkdv_walk_with_one_popular_region():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _distinct_dkdv_candidates():
+    from visattn.kernels import triton_routed
+
+    tiles = triton_routed._tiles(12, 20, 3, 16)  # the case below: 12-token query regions, 20-token key regions
+    return list(dict.fromkeys(triton_routed._dkdv_candidates(tiles)))
+
+
+@pytest.mark.parametrize("config", _distinct_dkdv_candidates(), ids=str)
+def test_triton_every_dkdv_candidate_matches_reference(monkeypatch, config):
+    """The GPU tuner may pick any dK / dV launch candidate: each one (longer query steps than a
+    region, partial key tiles, one popular key region) gives the reference's gradients."""
+    from visattn.kernels import triton_routed
+    from visattn.kernels._triton_common import CallCache
+
+    monkeypatch.setattr(triton_routed, "_dkdv_candidates", lambda tiles: [config])
+    monkeypatch.setattr(triton_routed, "_CALLS", CallCache())
+    q = torch.randn(1, 9, 12, 2, 16, device=DEVICE)
+    k, v = (torch.randn(1, 5, 20, 2, 16, device=DEVICE) for _ in range(2))
+    index = torch.stack([torch.tensor([3, r % 5, (r + 2) % 5]) for r in range(9)])[None].to(DEVICE)
+    got, want = _triton_and_reference(q, k, v, index)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_2d_triton_repeated_and_unrouted_windows():
     """A window picked twice counts twice; a window nobody picked gets zero dk / dv."""
     q, k, v = (torch.randn(1, 6, 6, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))

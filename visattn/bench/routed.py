@@ -28,6 +28,7 @@ from visattn.bench.biformer_official_port import OfficialBRAPort
 from visattn.bench.common import (
     device_name, format_table, graph_time_ms, peak_extra_bytes, require_cuda, save_results, select_shapes, time_ms,
 )
+from visattn.kernels import triton_routed
 from visattn.layers import BiLevelRoutingAttention
 
 
@@ -75,6 +76,7 @@ def bench_shape(shape: BRAShape, dtype: torch.dtype) -> List[Dict[str, object]]:
     grad = torch.randn_like(x)
     rows = []
     outputs = {}
+    tuned_before = set(triton_routed.DKDV_TIMINGS)
     for mode in ("fwd", "fwd+bwd"):
         row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "graph_ms": {}, "peak_bytes": {}}
         for name in COMPETITORS:
@@ -92,6 +94,9 @@ def bench_shape(shape: BRAShape, dtype: torch.dtype) -> List[Dict[str, object]]:
             row["graph_ms"][name] = graph_time_ms(fn)
             for p in params:
                 p.grad = None
+        if mode == "fwd+bwd":  # the dK / dV launch the tuner picked for this shape, and its candidates' ms
+            row["dkdv_candidate_ms"] = {str(cfg): ms for key, timings in triton_routed.DKDV_TIMINGS.items()
+                                 if key not in tuned_before for cfg, ms in timings.items()}
         rows.append(row)
     rows[0]["max_abs_diff"] = {name: (outputs["triton"] - outputs[name]).abs().max().item() for name in ("gather", "official")}
     return rows
