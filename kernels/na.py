@@ -2,6 +2,9 @@
 
 All functions take heads-last tensors ``[B, *spatial, heads, head_dim]`` (views with arbitrary
 strides are fine, e.g. slices of a fused qkv projection) and return ``[B, *spatial, heads, head_dim]``.
+The ``*_qkv`` variants take the packed ``[B, *spatial, 3, heads, head_dim]`` output of a fused qkv
+projection itself: the same function of its slices, whose gradient the Triton backend writes as
+one packed tensor (the unpacked call's gradients are three tensors that autograd then stacks).
 """
 from __future__ import annotations
 
@@ -14,14 +17,19 @@ from .reference import na_reference
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, NAParams, Optional[torch.Tensor]], torch.Tensor]
 
+PackedBackend = Callable[[torch.Tensor, NAParams, Optional[torch.Tensor]], torch.Tensor]
+
 # Name -> implementation.
 BACKENDS: Dict[str, Backend] = {"reference": na_reference}
+# Implementations with their own packed-qkv path (the others are called on the slices).
+PACKED: Dict[Backend, PackedBackend] = {}
 try:
-    from .triton_na import na_triton, unsupported_reason
+    from .triton_na import na_triton, na_triton_packed, unsupported_reason
 except ImportError:  # triton ships with torch's Linux builds only
     unsupported_reason = None
 else:
     BACKENDS["triton"] = na_triton
+    PACKED[na_triton] = na_triton_packed
 
 
 def available_backends() -> tuple:
@@ -53,6 +61,26 @@ def _na(
 ) -> torch.Tensor:
     params = check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
     return _resolve_backend(backend, q, v)(q, k, v, params, rpb)
+
+
+def _na_qkv(
+    ndim: int,
+    qkv: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple,
+    stride: IntOrTuple,
+    rpb: Optional[torch.Tensor],
+    scale: Optional[float],
+    backend: str,
+) -> torch.Tensor:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != ndim + 4 or qkv.shape[-3] != 3:
+        got = f"shape {tuple(qkv.shape)}" if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"na{ndim}d_qkv: qkv must be [B, *spatial ({ndim} axes), 3, heads, head_dim], got {got}")
+    q, k, v = qkv.unbind(-3)
+    params = check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale)
+    impl = _resolve_backend(backend, q, v)
+    packed = PACKED.get(impl)
+    return packed(qkv, params, rpb) if packed is not None else impl(q, k, v, params, rpb)
 
 
 def na1d(
@@ -133,3 +161,43 @@ def na3d(
         ``[B, T, H, W, heads, D_v]``.
     """
     return _na(3, q, k, v, kernel_size, dilation, stride, rpb, scale, backend)
+
+
+def na1d_qkv(
+    qkv: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`na1d` of ``qkv.unbind(-3)``: ``qkv`` ``[B, L, 3, heads, D]`` -> ``[B, L, heads, D]``."""
+    return _na_qkv(1, qkv, kernel_size, dilation, stride, rpb, scale, backend)
+
+
+def na2d_qkv(
+    qkv: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`na2d` of ``qkv.unbind(-3)``: ``qkv`` ``[B, H, W, 3, heads, D]`` (a fused qkv
+    projection's output, reshaped) -> ``[B, H, W, heads, D]``."""
+    return _na_qkv(2, qkv, kernel_size, dilation, stride, rpb, scale, backend)
+
+
+def na3d_qkv(
+    qkv: torch.Tensor,
+    kernel_size: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`na3d` of ``qkv.unbind(-3)``: ``qkv`` ``[B, T, H, W, 3, heads, D]`` -> ``[B, T, H, W, heads, D]``."""
+    return _na_qkv(3, qkv, kernel_size, dilation, stride, rpb, scale, backend)

@@ -145,6 +145,24 @@ def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, D
 
 
 @triton.jit
+def _grad_offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  s_ib, s_it, s_ih, s_iw, s_in, s_id, s_ob, s_ot, s_oh, s_ow, s_on, s_od,
+                  GRAD_LIKE_INPUT: tl.constexpr):
+    """Offsets of the gradients dQ / dK / dV: laid out as the inputs (slices of one packed qkv
+    gradient) or as the output (contiguous)."""
+    if GRAD_LIKE_INPUT:
+        return _offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
+    return _offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
+
+
+@triton.jit
+def _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT: tl.constexpr):
+    if GRAD_LIKE_INPUT:
+        return s_id
+    return s_od
+
+
+@triton.jit
 def _q_unit(HAS_RPB: tl.constexpr):
     """What q is multiplied by besides the scale (rounded once to its dtype, in every kernel alike):
     1 with rpb, so the logits are natural like the bias; log2(e) without, so they are base 2."""
@@ -248,6 +266,7 @@ def _na_bwd_dq_kernel(
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
     RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr, RPB_ACC: tl.constexpr, BLOCK_RR: tl.constexpr,
+    GRAD_LIKE_INPUT: tl.constexpr,
 ):
     # The forward's walk; per key row: P from the saved log-sum-exp, dP = dO V^T, dS = P (dP - delta).
     (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
@@ -344,8 +363,10 @@ def _na_bwd_dq_kernel(
                 zh = z % (2 * KH - 1)
                 ok = (z < (2 * KT - 1) * (2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
                 tl.atomic_add(drpb_base + (zt * s_rt + zh * s_rh)[:, None] + y[None, :] * s_rw, drpb_acc, mask=ok)
-    dq_off = _offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
-    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * s_od, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    dq_off = _grad_offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
+                           s_ob, s_ot, s_oh, s_ow, s_on, s_od, GRAD_LIKE_INPUT)
+    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT),
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -360,7 +381,7 @@ def _na_bwd_dkdv_kernel(
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_QW: tl.constexpr,
     SPAN_T: tl.constexpr, SPAN_H: tl.constexpr, SPAN_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr, GRAD_LIKE_INPUT: tl.constexpr,
 ):
     # Key-centric: this program's keys, against every query row of their inverse neighborhood, in
     # the transposed orientation (keys are the rows of every [TK, BLOCK_QW] block).
@@ -422,9 +443,11 @@ def _na_bwd_dkdv_kernel(
                     dv += dot(p_t.to(do.dtype), do, IEEE)
                     dk += dot(ds_t.to(q.dtype), q, IEEE)
     dk = dk * (1.0 / _q_unit(HAS_RPB))  # dS is the gradient of the natural logits: dK = dS q_s / _q_unit
-    dk_off = _offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
-    tl.store(dk_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
-    tl.store(dv_ptr + dk_off[:, None] + offs_d[None, :] * s_od, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
+    g_off = (_grad_offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
+                           s_ob, s_ot, s_oh, s_ow, s_on, s_od, GRAD_LIKE_INPUT)[:, None]
+             + offs_d[None, :] * _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT))
+    tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,6 +615,7 @@ def _fwd_call(key: tuple, cfg: LaunchConfig) -> KernelCall:
 
 def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tuple[KernelCall, KernelCall]:
     params, q_shape, _, dtype, rpb_strides = key[1:6]
+    grad_like_input = key[7]
     tensor_scalars = _tensor_scalars(key)
     has_rpb = rpb_strides is not None
     rpb_numel = math.prod(2 * k - 1 for k in params.kernel_size) if has_rpb else 1
@@ -602,14 +626,15 @@ def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tupl
     block_rr = _pow2_at_least((2 * meta["KT"] - 1) * (2 * meta["KH"] - 1))
     meta.update(_walk_meta(params, cfg_dq), HAS_RPB=has_rpb, RPB_DOT=rpb_dot, BLOCK_R=block_r,
                 # The register tile of the rpb gradient, where it fits (rows: every (dt, dy) offset).
-                RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr)
+                RPB_ACC=rpb_dot and block_rr * block_r <= _RPB_ACC_MAX, BLOCK_RR=block_rr,
+                GRAD_LIKE_INPUT=grad_like_input)
     dq = KernelCall(_na_bwd_dq_kernel, grid, tensor_scalars + (_RPB_SLOTS, rpb_numel), meta)
 
     grid, meta = _geometry(q_shape, dtype, params, cfg_dkdv)
     _, (_, _, reach_w) = _extents(params, cfg_dkdv.tile)
     spans = {f"SPAN_{axis}": _pow2_at_least(tile + 2 * (meta[f"K{axis}"] + meta[f"S{axis}"]))
              for axis, tile in zip("THW", cfg_dkdv.tile)}
-    meta.update(BLOCK_QW=_pow2_at_least(reach_w), HAS_RPB=has_rpb, **spans)
+    meta.update(BLOCK_QW=_pow2_at_least(reach_w), HAS_RPB=has_rpb, GRAD_LIKE_INPUT=grad_like_input, **spans)
     return dq, KernelCall(_na_bwd_dkdv_kernel, grid, tensor_scalars, meta)
 
 
@@ -649,12 +674,23 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
 
 
 def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                params: NAParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32)."""
+                rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, params: NAParams,
+                grad_qkv: Optional[torch.Tensor] = None,
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fused backward: ``(dq, dk, dv, drpb)`` in the inputs' dtypes (accumulated in fp32).
+
+    Without ``grad_qkv`` the gradients are new contiguous tensors. With it (q, k, v being the
+    ``unbind(-3)`` slices of one packed ``[B, *spatial, 3, heads, D]`` tensor, and ``grad_qkv`` a
+    tensor of the same shape and strides) the kernels write them into its slices, which are returned.
+    """
     q, k, v = _same_strides(q, k, v)
     grad_out = grad_out if grad_out.stride() == out.stride() else grad_out.contiguous()  # out is contiguous
-    dq, dk, dv = (torch.empty(out.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if grad_qkv is not None:
+        dq, dk, dv = grad_qkv.unbind(-3)
+        if dq.stride() != q.stride():
+            raise ValueError(f"grad_qkv's slices must have q's strides {q.stride()}, got {dq.stride()}")
+    else:
+        dq, dk, dv = (torch.empty(out.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     rpb_c = rpb.contiguous() if rpb is not None else None  # its strides index the scratch too
     rpb_numel = rpb_c[0].numel() if rpb is not None else 1
@@ -664,7 +700,7 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                if rpb is not None else lse)
     dq_tensors = (q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch)
     dkdv_tensors = (q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv)
-    key = _call_key("bwd", params, q, rpb_c)
+    key = _call_key("bwd", params, q, rpb_c) + (grad_qkv is not None,)
 
     def build() -> Tuple[KernelCall, KernelCall]:
         shape_class = _shape_class(params, q.shape, q.dtype, rpb is not None)
@@ -774,3 +810,37 @@ def na_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParam
                                 list(params.stride), params.scale)
         return out
     return _NATriton.apply(q, k, v, rpb, params)
+
+
+class _NATritonPacked(torch.autograd.Function):
+    # q, k, v as slices of one packed tensor: its gradient is written by the kernels in place of
+    # three tensors that autograd would stack into it (a copy of all three, and their memory).
+    @staticmethod
+    def forward(ctx, qkv, rpb, params):
+        out, lse = na_forward(*qkv.unbind(-3), params, rpb)
+        ctx.save_for_backward(qkv, rpb, out, lse)
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, rpb, out, lse = ctx.saved_tensors
+        grad_qkv = torch.empty_like(qkv)
+        if grad_qkv.stride() == qkv.stride():
+            _, _, _, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, ctx.params, grad_qkv)
+        else:  # a layout empty_like cannot reproduce (overlapping or gapped views)
+            dq, dk, dv, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, ctx.params)
+            grad_qkv = torch.stack((dq, dk, dv), dim=-3)
+        return grad_qkv, drpb, None
+
+
+def na_triton_packed(qkv: torch.Tensor, params: NAParams, rpb: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``"triton"`` backend on a packed ``[B, *spatial, 3, heads, D]`` qkv; as :func:`na_triton`
+    on its ``unbind(-3)`` slices, with the gradient written as one packed tensor."""
+    if torch.compiler.is_compiling():  # the traced graph stacks the three gradients itself
+        return na_triton(*qkv.unbind(-3), params, rpb)
+    q, _, v = qkv.unbind(-3)
+    reason = unsupported_reason(q, v)
+    if reason is not None:
+        raise ValueError(f"the triton neighborhood-attention backend does not support {reason}")
+    return _NATritonPacked.apply(qkv, rpb, params)

@@ -154,6 +154,53 @@ def test_strided_views_and_mixed_layouts():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("spatial, kernel, dilation, stride, with_rpb", [
+    ((10, 9), 3, 2, 1, True), ((12, 13), 4, 1, 4, False), ((23,), 5, 2, 3, True), ((5, 6, 7), 3, (1, 2, 1), 1, True),
+], ids=["2d", "2d-window-no-rpb", "1d", "3d"])
+def test_packed_qkv_matches_the_slices(spatial, kernel, dilation, stride, with_rpb):
+    """na*d_qkv on the packed tensor: the output and the qkv / rpb gradients of na*d on its slices
+    (the Triton backend writes the qkv gradient into one tensor, in the packed layout)."""
+    from visattn.kernels import na1d_qkv, na2d_qkv, na3d_qkv
+
+    packed_fn = {1: na1d_qkv, 2: na2d_qkv, 3: na3d_qkv}[len(spatial)]
+    ks = (kernel,) * len(spatial)
+    qkv = torch.randn(2, *spatial, 3, 2, 16, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(2, *(2 * x - 1 for x in ks), device=DEVICE, requires_grad=True) if with_rpb else None
+    inputs = [qkv] + ([rpb] if with_rpb else [])
+    grad = torch.randn(2, *spatial, 2, 16, device=DEVICE)
+    out = packed_fn(qkv, kernel, dilation, stride, rpb=rpb, backend="triton")
+    got = [out, *torch.autograd.grad(out, inputs, grad)]
+    ref = FN[len(spatial)](*qkv.unbind(-3), kernel, dilation, stride, rpb=rpb, backend="reference")
+    want = [ref, *torch.autograd.grad(ref, inputs, grad)]
+    assert got[1].stride() == qkv.stride()
+    for name, g, w in zip(["out", "dqkv", "drpb"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_qkv_with_a_gapped_view():
+    """A packed qkv whose layout empty_like cannot reproduce (every other channel of a larger
+    tensor) still gets the right gradient (three tensors, stacked)."""
+    from visattn.kernels import na2d_qkv
+
+    base = torch.randn(1, 9, 10, 3, 2, 32, device=DEVICE, requires_grad=True)
+    qkv = base[..., ::2]
+    grad = torch.randn(1, 9, 10, 2, 16, device=DEVICE)
+    got = torch.autograd.grad(na2d_qkv(qkv, 3, backend="triton"), base, grad)[0]
+    want = torch.autograd.grad(na2d(*qkv.unbind(-3), 3, backend="reference"), base, grad)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 9, 9, 2, 16), r"qkv must be \[B, \*spatial \(2 axes\), 3, heads, head_dim\], got shape \(1, 9, 9, 2, 16\)"),
+    ((1, 9, 9, 4, 2, 16), r"na2d_qkv: qkv must be .* got shape \(1, 9, 9, 4, 2, 16\)"),
+])
+def test_packed_qkv_bad_shape(shape, match):
+    from visattn.kernels import na2d_qkv
+
+    with pytest.raises(ValueError, match=match):
+        na2d_qkv(torch.randn(*shape, device=DEVICE), 3)
+
+
 def test_fp16_forward_backward():
     """Half precision (bf16 only on CUDA: the interpreter's bf16 arithmetic is wrong)."""
     q, k, v, rpb = _inputs((9, 10), 3, 16, True, dtype=torch.float16)

@@ -67,15 +67,15 @@ def test_shift_mlp_forward_and_gradients():
 
 
 def test_attention_runs_on_the_kernel_layer(monkeypatch):
-    """The NA modules call visattn.kernels.na2d (and its rpb); the Triton backend (through the
-    interpreter on CPU) gives the reference backend's output."""
+    """The NA modules call visattn.kernels.na2d_qkv (and its rpb); the Triton backend (through
+    the interpreter on CPU) gives the reference backend's output."""
     model = _small()
     x = torch.rand(1, 3, 11, 13)
     calls = []
     import visattn.layers.neighborhood_attention as na_module
 
-    real = na_module.na2d
-    monkeypatch.setattr(na_module, "na2d", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = na_module.na2d_qkv
+    monkeypatch.setattr(na_module, "na2d_qkv", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     with torch.no_grad():
         ref = model(x)
     assert calls == [(5, 5)] * 3

@@ -38,7 +38,8 @@ def _config(text: str) -> triton_na.LaunchConfig:
 
 
 def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
-    """The launch key of ``shape`` with q, k, v sliced from a ``[B, H, W, 3, heads, D]`` qkv."""
+    """The launch key of ``shape`` with q, k, v sliced from a ``[B, H, W, 3, heads, D]`` qkv (and,
+    for the backward, their gradients written into one such tensor, as the models' calls do)."""
     params = NAParams((shape.height, shape.width), (shape.kernel_size,) * 2, (shape.dilation,) * 2,
                       (shape.stride,) * 2, shape.heads, shape.head_dim, shape.head_dim ** -0.5)
     token = 3 * shape.heads * shape.head_dim
@@ -46,7 +47,8 @@ def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
     k2 = 2 * shape.kernel_size - 1
     q_shape = (shape.batch, shape.height, shape.width, shape.heads, shape.head_dim)
     rpb_strides = (k2 * k2, 0, k2, 1)  # [heads, 2kh - 1, 2kw - 1] lifted to [heads, 1, 2kh - 1, 2kw - 1]
-    return (kind, params, q_shape, q_strides, torch.bfloat16, rpb_strides if rpb else None, "cuda")
+    key = (kind, params, q_shape, q_strides, torch.bfloat16, rpb_strides if rpb else None, "cuda")
+    return key + (True,) if kind == "bwd" else key
 
 
 def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: bool, stages: int):

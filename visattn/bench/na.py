@@ -23,7 +23,7 @@ from visattn.bench.common import (
     copy_bandwidth, device_name, format_table, graph_time_ms, peak_extra_bytes, require_cuda, save_results, select_shapes,
     time_ms,
 )
-from visattn.kernels import na2d, triton_na
+from visattn.kernels import na2d, na2d_qkv, triton_na
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,13 @@ def _runners(shape: NAShape, qkv: torch.Tensor, rpb: torch.Tensor, backward: boo
     k, d, s = shape.kernel_size, shape.dilation, shape.stride
     leaf_qkv = qkv.detach().requires_grad_(backward)
     leaf_rpb = rpb.detach().requires_grad_(backward)
-    # q, k, v are sliced inside each call, as a model slices its projection: views made once
-    # outside would keep qkv's gradient accumulator (and the stream it was made on, the default
-    # one) alive across calls, which a CUDA graph capture of the backward cannot wait on.
+    # visattn takes the packed qkv as the models pass it (na2d_qkv); q, k, v for the others are
+    # sliced inside each call, as a model slices its projection: views made once outside would
+    # keep qkv's gradient accumulator (and the stream it was made on, the default one) alive
+    # across calls, which a CUDA graph capture of the backward cannot wait on.
     runners: Dict[str, Tuple[Runner, list]] = {
-        "triton": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, rpb=leaf_rpb, backend="triton"), [leaf_qkv, leaf_rpb]),
-        "triton no-rpb": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, backend="triton"), [leaf_qkv]),
+        "triton": (lambda: na2d_qkv(leaf_qkv, k, d, s, rpb=leaf_rpb, backend="triton"), [leaf_qkv, leaf_rpb]),
+        "triton no-rpb": (lambda: na2d_qkv(leaf_qkv, k, d, s, backend="triton"), [leaf_qkv]),
         "reference": (lambda: na2d(*leaf_qkv.unbind(3), k, d, s, rpb=leaf_rpb, backend="reference"),
                       [leaf_qkv, leaf_rpb]),
     }

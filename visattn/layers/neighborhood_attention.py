@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
-from visattn.kernels import na2d
+from visattn.kernels import na2d_qkv
 
 
 @register_notrace_module  # shape-dependent padding: torch.fx treats the module as a leaf
@@ -61,9 +61,10 @@ class NeighborhoodAttention2d(nn.Module):
         )
 
     @torch.jit.ignore
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Kept out of TorchScript: the op dispatches to Python / Triton backends.
-        return na2d(q, k, v, self.kernel_size, self.dilation, self.stride, self.rpb, self.scale, self.backend)
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        # Kept out of TorchScript: the op dispatches to Python / Triton backends. The packed form:
+        # the Triton backend writes the qkv gradient as one tensor (no stack of three).
+        return na2d_qkv(qkv, self.kernel_size, self.dilation, self.stride, self.rpb, self.scale, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -72,6 +73,6 @@ class NeighborhoodAttention2d(nn.Module):
         if pad_h > 0 or pad_w > 0:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        x = self._attend(q, k, v)[:, :H, :W].reshape(B, H, W, C)
+        x = self._attend(self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim))
+        x = x[:, :H, :W].reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
