@@ -126,25 +126,30 @@ class _LayerNormFunction(torch.autograd.Function):
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         M = rows.shape[0]
-        out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+        # Allocated in x's shape (contiguous rows of C), so no view of it is needed on return.
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         stats = torch.empty(2 * M, dtype=torch.float32, device=x.device)  # means, then 1/std (one allocation)
-        call_args = (M, C, rows.stride(0), out.stride(0), eps, weight is not None, bias is not None)
+        call_args = (M, C, rows.stride(0), C, eps, weight is not None, bias is not None)
         _CALLS.get(("fwd",) + call_args, lambda: _fwd_call(*call_args))(
             rows, weight if weight is not None else rows, bias if bias is not None else rows, out, stats)
         ctx.save_for_backward(rows, weight, stats)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_shape = x.shape
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, weight, stats = ctx.saved_tensors
         M, C = rows.shape
-        dy = grad_out.reshape(M, C)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dx = torch.empty_like(rows)
-        call_args = (M, C, rows.stride(0), dy.stride(0), dx.stride(0), weight is not None)
+        if grad_out.is_contiguous():  # rows of C, as the kernel reads them: used as it is
+            dy, dy_stride = grad_out, C
+        else:
+            dy = grad_out.reshape(M, C)
+            if dy.stride(-1) != 1:
+                dy = dy.contiguous()
+            dy_stride = dy.stride(0)
+        dx = torch.empty(ctx.x_shape, dtype=rows.dtype, device=rows.device)
+        call_args = (M, C, rows.stride(0), dy_stride, C, weight is not None)
         call = _CALLS.get(("bwd",) + call_args, lambda: _bwd_call(*call_args))
         partial = torch.empty(2, call.grid[0], C, dtype=torch.float32, device=rows.device)  # dw, db per program
         call(rows, dy, weight if weight is not None else rows, stats, dx, partial)
@@ -153,7 +158,7 @@ class _LayerNormFunction(torch.autograd.Function):
             dw_sum, db_sum = partial.sum(1).unbind(0)
             dw = _cast(dw_sum, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
             db = _cast(db_sum, ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx.view(ctx.x_shape), dw, db, None, None
+        return dx, dw, db, None, None
 
 
 if triton is not None:

@@ -7,7 +7,8 @@ interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
 * Forward, query-centric: a program owns a tile of ``TILE_T x TILE_H x TILE_W`` queries. Their
   windows lie inside a key *halo* per axis (``TILE + kernel - 1`` positions without stride; with
   stride as few as the tile's stride groups reach, ``kernel`` when the tile sits in one group, as
-  in window attention), computed exactly on the host (:func:`_axis_extents`); the program walks the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
+  in window attention), computed exactly on the host (:func:`_axis_extents`); the program walks
+  the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
   the whole query tile against them with ``tl.dot``, masks keys outside each query's own window,
   adds the rpb and folds the step into an online softmax (base 2). Only the output and the
   log-sum-exp reach memory: nothing of size ``N x k^d``.
@@ -145,21 +146,16 @@ def _offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, D
 
 
 @triton.jit
-def _grad_offsets(b, n, pt, ph, pw, gt, gh, gw, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def _grad_offsets(b, n, pt, ph, pw, gt, gh, gw, offs_d, DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   s_ib, s_it, s_ih, s_iw, s_in, s_id, s_ob, s_ot, s_oh, s_ow, s_on, s_od,
                   GRAD_LIKE_INPUT: tl.constexpr):
-    """Offsets of the gradients dQ / dK / dV: laid out as the inputs (slices of one packed qkv
-    gradient) or as the output (contiguous)."""
+    """[positions, BLOCK_D] offsets of the gradients dQ / dK / dV: laid out as the inputs (slices
+    of one packed qkv gradient) or as the output (contiguous)."""
     if GRAD_LIKE_INPUT:
-        return _offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
-    return _offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)
-
-
-@triton.jit
-def _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT: tl.constexpr):
-    if GRAD_LIKE_INPUT:
-        return s_id
-    return s_od
+        return (_offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)[:, None]
+                + offs_d[None, :] * s_id)
+    return (_offsets(b, n, pt, ph, pw, gt, gh, gw, DT, DH, DW, s_ob, s_ot, s_oh, s_ow, s_on)[:, None]
+            + offs_d[None, :] * s_od)
 
 
 @triton.jit
@@ -200,7 +196,8 @@ def _na_fwd_kernel(
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
 ):
     (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
      start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
@@ -264,7 +261,8 @@ def _na_bwd_dq_kernel(
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
     RPB_DOT: tl.constexpr, BLOCK_R: tl.constexpr, RPB_ACC: tl.constexpr, BLOCK_RR: tl.constexpr,
     GRAD_LIKE_INPUT: tl.constexpr,
 ):
@@ -363,10 +361,9 @@ def _na_bwd_dq_kernel(
                 zh = z % (2 * KH - 1)
                 ok = (z < (2 * KT - 1) * (2 * KH - 1))[:, None] & (y < 2 * KW - 1)[None, :]
                 tl.atomic_add(drpb_base + (zt * s_rt + zh * s_rh)[:, None] + y[None, :] * s_rw, drpb_acc, mask=ok)
-    dq_off = _grad_offsets(b, n, qt, qh, qw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
+    dq_off = _grad_offsets(b, n, qt, qh, qw, gt, gh, gw, offs_d, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
                            s_ob, s_ot, s_oh, s_ow, s_on, s_od, GRAD_LIKE_INPUT)
-    tl.store(dq_ptr + dq_off[:, None] + offs_d[None, :] * _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT),
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -443,9 +440,8 @@ def _na_bwd_dkdv_kernel(
                     dv += dot(p_t.to(do.dtype), do, IEEE)
                     dk += dot(ds_t.to(q.dtype), q, IEEE)
     dk = dk * (1.0 / _q_unit(HAS_RPB))  # dS is the gradient of the natural logits: dK = dS q_s / _q_unit
-    g_off = (_grad_offsets(b, n, kt, kh, kw, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
-                           s_ob, s_ot, s_oh, s_ow, s_on, s_od, GRAD_LIKE_INPUT)[:, None]
-             + offs_d[None, :] * _grad_dim_stride(s_id, s_od, GRAD_LIKE_INPUT))
+    g_off = _grad_offsets(b, n, kt, kh, kw, gt, gh, gw, offs_d, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in, s_id,
+                          s_ob, s_ot, s_oh, s_ow, s_on, s_od, GRAD_LIKE_INPUT)
     tl.store(dk_ptr + g_off, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=k_mask)
 
