@@ -121,6 +121,28 @@ def test_every_2d_tuning_candidate_on_cuda(monkeypatch, kind):
             assert rel < NA_TOLERANCE[torch.bfloat16], f"{config} {name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_qkv_gradient_on_cuda(dtype):
+    """na2d_qkv at NAT-T stage-1 size (B4): the packed qkv gradient the kernels write equals the
+    fp64 reference's on the slices."""
+    from visattn.kernels import na2d, na2d_qkv
+
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 56, 56, 3, 2, 32, device="cuda")
+    rpb = torch.randn(2, 13, 13, device="cuda")
+    grad = torch.randn(4, 56, 56, 2, 32, device="cuda")
+    inputs = [qkv.to(dtype).requires_grad_(), rpb.to(dtype).requires_grad_()]
+    out = na2d_qkv(inputs[0], 7, rpb=inputs[1], backend="triton")
+    got = [out, *torch.autograd.grad(out, inputs, grad.to(dtype))]
+    ref_in = [qkv.double().requires_grad_(), rpb.double().requires_grad_()]
+    ref = na2d(*ref_in[0].unbind(-3), 7, rpb=ref_in[1], backend="reference")
+    want = [ref, *torch.autograd.grad(ref, ref_in, grad.double())]
+    assert got[1].stride() == inputs[0].stride()
+    for name, g, w in zip(["out", "dqkv", "drpb"], got, want):
+        rel = ((g.double() - w).norm() / w.norm()).item()
+        assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
+
+
 def test_auto_uses_triton_on_cuda_and_warns_once_on_fallback():
     from visattn.kernels import _checks, na2d
     from visattn.kernels import na as na_module
