@@ -644,8 +644,12 @@ def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype, h
 _CALLS = CallCache()
 
 
-def _call_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor]) -> tuple:
-    return (kind, params, tuple(q.shape), q.stride(), q.dtype, None if rpb is None else _rpb_strides(rpb), q.device)
+def _call_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor],
+              grad_like_input: bool = False) -> tuple:
+    """What fixes a call's launches: ``(kind, params, q's shape, strides and dtype, the rpb's
+    strides, the device, whether the backward writes its gradients in the inputs' layout)``."""
+    return (kind, params, tuple(q.shape), q.stride(), q.dtype, None if rpb is None else _rpb_strides(rpb), q.device,
+            grad_like_input)
 
 
 def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
@@ -696,7 +700,7 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                if rpb is not None else lse)
     dq_tensors = (q, k, v, rpb_c if rpb is not None else q, out, grad_out, lse, delta, dq, scratch)
     dkdv_tensors = (q, k, v, rpb_c if rpb is not None else q, grad_out, lse, delta, dk, dv)
-    key = _call_key("bwd", params, q, rpb_c) + (grad_qkv is not None,)
+    key = _call_key("bwd", params, q, rpb_c, grad_like_input=grad_qkv is not None)
 
     def build() -> Tuple[KernelCall, KernelCall]:
         shape_class = _shape_class(params, q.shape, q.dtype, rpb is not None)
@@ -795,12 +799,16 @@ class _NATriton(torch.autograd.Function):
         return dq, dk, dv, drpb, None
 
 
-def na_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
-              rpb: Optional[torch.Tensor]) -> torch.Tensor:
-    """The ``"triton"`` backend (1-D, 2-D and 3-D); raises ``ValueError`` for calls it cannot run."""
+def _refuse_unsupported(q: torch.Tensor, v: torch.Tensor) -> None:
     reason = unsupported_reason(q, v)
     if reason is not None:
         raise ValueError(f"the triton neighborhood-attention backend does not support {reason}")
+
+
+def na_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
+              rpb: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``"triton"`` backend (1-D, 2-D and 3-D); raises ``ValueError`` for calls it cannot run."""
+    _refuse_unsupported(q, v)
     if torch.compiler.is_compiling():
         out, _ = _na_forward_op(q, k, v, rpb, list(params.kernel_size), list(params.dilation),
                                 list(params.stride), params.scale)
@@ -835,8 +843,5 @@ def na_triton_packed(qkv: torch.Tensor, params: NAParams, rpb: Optional[torch.Te
     on its ``unbind(-3)`` slices, with the gradient written as one packed tensor."""
     if torch.compiler.is_compiling():  # the traced graph stacks the three gradients itself
         return na_triton(*qkv.unbind(-3), params, rpb)
-    q, _, v = qkv.unbind(-3)
-    reason = unsupported_reason(q, v)
-    if reason is not None:
-        raise ValueError(f"the triton neighborhood-attention backend does not support {reason}")
+    _refuse_unsupported(qkv, qkv)  # the slices' dtype, device and head_dim are qkv's
     return _NATritonPacked.apply(qkv, rpb, params)

@@ -260,6 +260,10 @@ def test_unsupported_calls_raise():
         na2d(q, k, torch.randn(1, 9, 9, 2, 8, device=DEVICE), 3, backend="triton")
     with pytest.raises(ValueError, match=r"does not support dtype torch.float64"):
         na2d(q.double(), k.double(), k.double(), 3, backend="triton")
+    from visattn.kernels import na2d_qkv
+
+    with pytest.raises(ValueError, match=r"does not support dtype torch.float64"):
+        na2d_qkv(torch.randn(1, 9, 9, 3, 2, 16, device=DEVICE, dtype=torch.float64), 3, backend="triton")
     with pytest.raises(ValueError, match=r"does not support head_dim 320 > 256"):
         big = torch.randn(1, 9, 9, 1, 320, device=DEVICE)
         na2d(big, big, big, 3, backend="triton")

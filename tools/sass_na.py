@@ -47,8 +47,7 @@ def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
     k2 = 2 * shape.kernel_size - 1
     q_shape = (shape.batch, shape.height, shape.width, shape.heads, shape.head_dim)
     rpb_strides = (k2 * k2, 0, k2, 1)  # [heads, 2kh - 1, 2kw - 1] lifted to [heads, 1, 2kh - 1, 2kw - 1]
-    key = (kind, params, q_shape, q_strides, torch.bfloat16, rpb_strides if rpb else None, "cuda")
-    return key + (True,) if kind == "bwd" else key
+    return (kind, params, q_shape, q_strides, torch.bfloat16, rpb_strides if rpb else None, "cuda", kind == "bwd")
 
 
 def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: bool, stages: int):
