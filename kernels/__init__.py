@@ -1,7 +1,7 @@
 """visattn's shared attention op layer (importable as ``visattn.kernels``)."""
 from .na import available_backends, na1d, na1d_qkv, na2d, na2d_qkv, na3d, na3d_qkv
 from .reference import neighborhood_index
-from .routed import region_topk, routed_attention, routed_attention_2d
+from .routed import region_topk, region_topk_2d, routed_attention, routed_attention_2d
 
 __all__ = ["available_backends", "na1d", "na1d_qkv", "na2d", "na2d_qkv", "na3d", "na3d_qkv", "neighborhood_index",
-           "region_topk", "routed_attention", "routed_attention_2d"]
+           "region_topk", "region_topk_2d", "routed_attention", "routed_attention_2d"]

@@ -9,16 +9,16 @@ block-sparse schemes (fixed local + global blocks, learned routers) pass their o
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checks import auto_picks_triton
 
 try:
-    from .triton_routed import routed_triton, unsupported_reason
+    from .triton_routed import region_topk_2d_triton, routed_triton, unsupported_reason
 except ImportError:  # triton ships with torch's Linux builds only
-    routed_triton = unsupported_reason = None
+    region_topk_2d_triton = routed_triton = unsupported_reason = None
 
 
 def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.Tensor:
@@ -39,6 +39,67 @@ def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.
         raise ValueError(f"region_topk: topk must be in [1, {k_desc.shape[1]}] (the number of key regions), got {topk}")
     logits = q_desc @ k_desc.transpose(-1, -2)
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
+
+
+_ROUTING_BACKENDS = ("auto", "reference", "triton")
+
+
+def region_topk_2d(q: torch.Tensor, k: torch.Tensor, region_grid: Union[int, Sequence[int]], topk: int,
+                   scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """BiFormer's routing on 2-D maps: for every window of a ``region_grid``, the ``topk`` windows
+    whose mean key best matches its mean query, ``region_topk(scale * mean(q), mean(k), topk)``.
+
+    Args:
+        q, k: ``[B, H, W, C]`` maps (any strides, e.g. slices of one qkv projection); the routing
+            is not differentiated (pass detached tensors or not, the index has no gradient).
+        region_grid: an int (square grid) or ``(nh, nw)`` dividing ``H`` and ``W``; windows are
+            numbered row-major, as in :func:`routed_attention_2d`.
+        topk: windows per window, ``1 <= topk <= nh * nw``.
+        scale: factor of the mean queries (BiFormer: ``qk_dim ** -0.5``).
+        backend: ``"reference"`` runs the official op sequence (means, scale and logits in the
+            inputs' dtype, a stable sort); ``"triton"`` computes them in fp32 in two launches (so
+            under bf16 autocast it may pick differently where the reference's bf16 logits tie);
+            ``"auto"``: triton for CUDA tensors, else the reference.
+
+    Returns:
+        int64 ``[B, nh * nw, topk]``, by descending logit; equal logits keep the lower window first.
+    """
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or q.shape != k.shape:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (q, k)]
+        raise ValueError(f"region_topk_2d: q and k must be [B, H, W, C] maps of one shape, got {shapes[0]} and {shapes[1]}")
+    if backend not in _ROUTING_BACKENDS:
+        raise ValueError(f"region_topk_2d: unknown backend {backend!r}; expected one of {_ROUTING_BACKENDS}")
+    nh, nw = _region_grid(region_grid, q, "region_topk_2d")
+    if not 1 <= topk <= nh * nw:
+        raise ValueError(f"region_topk_2d: topk must be in [1, {nh * nw}] (the number of windows), got {topk}")
+    if backend == "auto":
+        backend = ("triton" if q.is_cuda and region_topk_2d_triton is not None and q.dtype == k.dtype
+                   and q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "reference")
+    if backend == "triton":
+        if region_topk_2d_triton is None:
+            raise ValueError("region_topk_2d: backend='triton' needs triton, which this torch build lacks")
+        if not q.is_floating_point() or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.dtype != k.dtype:
+            raise ValueError(f"region_topk_2d: the triton backend takes q and k of one dtype among float16, bfloat16 "
+                             f"and float32, got {q.dtype} and {k.dtype}")
+        if torch.compiler.is_compiling():
+            return _region_topk_2d_op(q, k, [nh, nw], topk, float(scale))
+        return region_topk_2d_triton(q, k, (nh, nw), topk, float(scale))
+    B, H, W, _ = q.shape
+    q_desc, k_desc = (t.detach().reshape(B, nh, H // nh, nw, W // nw, -1).mean((2, 4)).reshape(B, nh * nw, -1)
+                      for t in (q, k))
+    return region_topk(q_desc * scale, k_desc, topk)
+
+
+@torch.library.custom_op("visattn::region_topk_2d", mutates_args=())
+def _region_topk_2d_op(q: torch.Tensor, k: torch.Tensor, region_grid: List[int], topk: int,
+                       scale: float) -> torch.Tensor:
+    # The traced form of the triton backend (torch.compile cannot trace into a Triton launch).
+    return region_topk_2d_triton(q, k, tuple(region_grid), topk, scale)
+
+
+@_region_topk_2d_op.register_fake
+def _(q, k, region_grid, topk, scale):
+    return q.new_empty((q.shape[0], region_grid[0] * region_grid[1], topk), dtype=torch.int64)
 
 
 def _check_5d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn: str, layout: str) -> None:
@@ -144,15 +205,15 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     return routed_attention_reference(q, k, v, index, scale)
 
 
-def _region_grid(region_grid: Union[int, Sequence[int]], q: torch.Tensor) -> Tuple[int, int]:
+def _region_grid(region_grid: Union[int, Sequence[int]], q: torch.Tensor, fn: str = "routed_attention_2d") -> Tuple[int, int]:
     grid = (region_grid, region_grid) if isinstance(region_grid, int) and not isinstance(region_grid, bool) else region_grid
     try:
         nh, nw = (int(n) for n in grid)
     except (TypeError, ValueError):
-        raise ValueError(f"routed_attention_2d: region_grid must be an int or a pair of ints, got {region_grid!r}") from None
+        raise ValueError(f"{fn}: region_grid must be an int or a pair of ints, got {region_grid!r}") from None
     H, W = q.shape[1:3]
     if nh < 1 or nw < 1 or H % nh or W % nw:
-        raise ValueError(f"routed_attention_2d: the {H}x{W} map must divide into region_grid {nh}x{nw} windows "
+        raise ValueError(f"{fn}: the {H}x{W} map must divide into region_grid {nh}x{nw} windows "
                          f"(positive counts dividing H and W; pad the map first)")
     return nh, nw
 

@@ -333,13 +333,16 @@ def routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tor
 
 def _invert_routing(index: torch.Tensor, num_key_regions: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """CSR of the routing: for batch b and key region r, ``regions[b, offsets[b, r]:offsets[b, r+1]]``
-    are the query regions that routed to r (a query region that picked r twice is listed twice)."""
+    are the query regions that routed to r, in increasing order (a query region that picked r
+    twice is listed twice). One launch (:func:`_invert_routing_kernel`): this runs once per layer
+    and step, where a sort and a binary search cost several launches of host time."""
     B, Rq, topk = index.shape
-    # One sort and one binary search (few launches: this runs once per layer and step).
-    sorted_regions, order = torch.sort(index.reshape(B, Rq * topk), dim=1, stable=True)
-    regions = (order // topk).to(torch.int32)
-    bounds = torch.arange(num_key_regions + 1, device=index.device).expand(B, -1).contiguous()
-    offsets = torch.searchsorted(sorted_regions, bounds, out_int32=True)
+    offsets = torch.empty((B, num_key_regions + 1), dtype=torch.int32, device=index.device)
+    regions = torch.empty((B, Rq * topk), dtype=torch.int32, device=index.device)
+    call = _CALLS.get(("invert", B, Rq, topk, num_key_regions, index.device), lambda: KernelCall(
+        _invert_routing_kernel, (B,), (Rq * topk, num_key_regions, topk),
+        dict(BLOCK_N=triton.next_power_of_2(Rq * topk))))
+    call(index, offsets, regions)
     return offsets, regions
 
 
@@ -463,3 +466,122 @@ def routed_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torc
     if torch.compiler.is_compiling():
         return _routed_forward_op(q, k, v, index.contiguous(), scale, list(region_grid or ()))[0]
     return _RoutedTriton.apply(q, k, v, index.contiguous(), scale, region_grid)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing: BiFormer's region descriptors and top-k in two launches, and the routing's inverse.
+# --------------------------------------------------------------------------------------------
+
+# Most key regions the top-k kernel holds in one row of registers.
+MAX_ROUTING_REGIONS = 1024
+
+
+@triton.jit
+def _region_means_kernel(
+    q_ptr, k_ptr, desc_ptr,
+    s_qb, s_qh, s_qw, s_qc, s_kb, s_kh, s_kw, s_kc,
+    B, R, C, REGION_COLS, REGION_H, REGION_W,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per (batch, region): the fp32 means of its q and k tokens, into
+    # desc [2, B, R, C] (q means first).
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = pid % R
+    y0 = (r // REGION_COLS) * REGION_H
+    x0 = (r % REGION_COLS) * REGION_W
+    offs_c = tl.arange(0, BLOCK_C)
+    c_valid = offs_c < C
+    tokens = REGION_H * REGION_W
+    q_sum = tl.zeros([BLOCK_C], tl.float32)
+    k_sum = tl.zeros([BLOCK_C], tl.float32)
+    for t0 in range(0, tokens, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        y = (y0 + t // REGION_W).to(tl.int64)
+        x = (x0 + t % REGION_W).to(tl.int64)
+        mask = (t < tokens)[:, None] & c_valid[None, :]
+        q = tl.load(q_ptr + (b * s_qb + y * s_qh + x * s_qw)[:, None] + offs_c[None, :] * s_qc, mask=mask, other=0.0)
+        k = tl.load(k_ptr + (b * s_kb + y * s_kh + x * s_kw)[:, None] + offs_c[None, :] * s_kc, mask=mask, other=0.0)
+        q_sum += tl.sum(q.to(tl.float32), axis=0)
+        k_sum += tl.sum(k.to(tl.float32), axis=0)
+    out = desc_ptr + (b * R + r) * C + offs_c
+    tl.store(out, q_sum / tokens, mask=c_valid)
+    tl.store(out + B * R * C, k_sum / tokens, mask=c_valid)
+
+
+@triton.jit
+def _region_topk_kernel(
+    desc_ptr, index_ptr, B, R, C, scale, TOPK,
+    BLOCK_RQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # BLOCK_RQ query regions of one batch against all its key regions: logits (scale q) . k in
+    # fp32, then TOPK rounds of "largest remaining logit, lowest region on a tie" (a stable sort's
+    # order; NaN ranks first, as in torch.sort).
+    b = tl.program_id(1).to(tl.int64)
+    rq = tl.program_id(0) * BLOCK_RQ + tl.arange(0, BLOCK_RQ)
+    rk = tl.arange(0, BLOCK_R)
+    rq_valid = rq < R
+    rk_valid = rk < R
+    q_base = desc_ptr + b * R * C
+    k_base = desc_ptr + (B + b) * R * C
+    logits = tl.zeros([BLOCK_RQ, BLOCK_R], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = c < C
+        q = tl.load(q_base + rq[:, None] * C + c[None, :], mask=rq_valid[:, None] & c_valid[None, :], other=0.0)
+        k = tl.load(k_base + rk[:, None] * C + c[None, :], mask=rk_valid[:, None] & c_valid[None, :], other=0.0)
+        logits += dot(q * scale, tl.trans(k), True)
+    logits = tl.where(logits != logits, float("inf"), logits)
+    available = tl.broadcast_to(rk_valid[None, :], [BLOCK_RQ, BLOCK_R])
+    for slot in range(0, TOPK):
+        best = tl.max(tl.where(available, logits, float("-inf")), axis=1)
+        chosen = tl.min(tl.where(available & (logits == best[:, None]), rk[None, :], BLOCK_R), axis=1)
+        tl.store(index_ptr + (b * R + rq) * TOPK + slot, chosen.to(tl.int64), mask=rq_valid)
+        available = available & (rk[None, :] != chosen[:, None])
+
+
+@triton.jit
+def _invert_routing_kernel(index_ptr, offsets_ptr, regions_ptr, N, RK, TOPK, BLOCK_N: tl.constexpr):
+    # One program per batch: a counting sort of its N = Rq * topk routing entries by key region,
+    # stable (query region order kept): offsets [B, RK + 1] and regions [B, N] (int32).
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_N)
+    key = tl.load(index_ptr + b * N + e, mask=e < N, other=-1)
+    start = 0
+    for r in range(0, RK):
+        hit = (key == r).to(tl.int32)
+        tl.store(regions_ptr + b * N + start + tl.cumsum(hit, axis=0) - 1, (e // TOPK).to(tl.int32), mask=hit > 0)
+        tl.store(offsets_ptr + b * (RK + 1) + r, start)
+        start += tl.sum(hit, axis=0)
+    tl.store(offsets_ptr + b * (RK + 1) + RK, start)
+
+
+def region_topk_2d_triton(q: torch.Tensor, k: torch.Tensor, region_grid: Tuple[int, int], topk: int,
+                          scale: float) -> torch.Tensor:
+    """The ``"triton"`` backend of :func:`visattn.kernels.region_topk_2d` (shapes already checked):
+    int64 ``[B, nh * nw, topk]``."""
+    B, H, W, C = q.shape
+    nh, nw = region_grid
+    R = nh * nw
+    if R > MAX_ROUTING_REGIONS:
+        raise ValueError(f"region_topk_2d: the triton backend routes at most {MAX_ROUTING_REGIONS} regions, "
+                         f"got {nh}x{nw}; use backend='reference'")
+    desc = torch.empty((2, B, R, C), dtype=torch.float32, device=q.device)
+    index = torch.empty((B, R, topk), dtype=torch.int64, device=q.device)
+
+    def build() -> Tuple[KernelCall, KernelCall]:
+        block_c = triton.next_power_of_2(C)
+        block_r = max(16, triton.next_power_of_2(R))
+        block_rq = max(16, min(block_r, 4096 // block_r))
+        means = KernelCall(_region_means_kernel, (B * R,),
+                           (*q.stride(), *k.stride(), B, R, C, nw, H // nh, W // nw),
+                           dict(BLOCK_T=max(1, min(64, 4096 // block_c)), BLOCK_C=block_c))
+        select = KernelCall(_region_topk_kernel, (triton.cdiv(R, block_rq), B), (B, R, C, scale, topk),
+                            dict(BLOCK_RQ=block_rq, BLOCK_R=block_r, BLOCK_C=max(16, min(block_c, 64))))
+        return means, select
+
+    means, select = _CALLS.get(("topk", q.shape, q.stride(), k.stride(), q.dtype, tuple(region_grid), topk, scale,
+                                q.device), build)
+    means(q, k, desc)
+    select(desc, index)
+    return index

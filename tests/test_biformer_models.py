@@ -5,7 +5,7 @@ import timm
 import torch
 
 import visattn
-from visattn.kernels import region_topk
+from visattn.kernels import region_topk_2d
 from visattn.layers import BiLevelRoutingAttention
 from visattn.layers import routed_attention as routed_attention_layers
 from golden_data import load_golden, load_manifest, manifest_names
@@ -21,10 +21,10 @@ def _capture_routing(model, monkeypatch):
     calls = []
 
     def recording_topk(*args, **kwargs):
-        calls.append(region_topk(*args, **kwargs))
+        calls.append(region_topk_2d(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(routed_attention_layers, "region_topk", recording_topk)
+    monkeypatch.setattr(routed_attention_layers, "region_topk_2d", recording_topk)
     return lambda: dict(zip(keys, calls))
 
 

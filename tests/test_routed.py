@@ -3,7 +3,9 @@ masked attention, deterministic routing, the Triton backend against the referenc
 import pytest
 import torch
 
-from visattn.kernels import region_topk, routed_attention, routed_attention_2d
+import torch.nn.functional as F
+
+from visattn.kernels import region_topk, region_topk_2d, routed_attention, routed_attention_2d
 
 
 def _dense_masked(q, k, v, index, scale):
@@ -301,6 +303,92 @@ def test_bra_layer_compiles_fullgraph():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+# --- region_topk_2d: BiFormer's routing from the maps ---------------------------------------------
+
+def _pooled_routing(q, k, grid, topk, scale):
+    """Window means by average pooling and a stable descending sort (an independent path)."""
+    nh, nw = grid
+    H, W = q.shape[1:3]
+    q_desc, k_desc = (F.avg_pool2d(t.permute(0, 3, 1, 2), (H // nh, W // nw)).flatten(2).transpose(1, 2)
+                      for t in (q, k))
+    logits = (q_desc * scale) @ k_desc.transpose(1, 2)
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
+
+
+@pytest.mark.parametrize("H, W, grid, topk, C", [
+    (8, 8, (2, 2), 4, 16),      # every window routed
+    (9, 10, (3, 2), 2, 24),     # 3x5 windows, C not a power of two
+    (14, 14, (7, 7), 16, 8),    # BiFormer's 7x7 grid of 2x2 windows (stage 3), C < 16
+    (4, 6, (1, 3), 1, 40),      # one row of windows, top-1
+])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_region_topk_2d_matches_pooled_routing(H, W, grid, topk, C, backend):
+    """Both backends against pooling + sort, on q / k sliced from one projection map (fp32)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, H, W, 3 * C, device=DEVICE)
+    q, k = qkv[..., :C], qkv[..., C:2 * C]
+    want = _pooled_routing(q.cpu(), k.cpu(), grid, topk, 0.25)
+    got = region_topk_2d(q, k, grid, topk, 0.25, backend=backend)
+    assert got.dtype == torch.int64 and got.shape == (2, grid[0] * grid[1], topk)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_region_topk_2d_ties_keep_the_lower_window(backend):
+    """Windows 1 and 3 of k are copies of window 0 (equal logits for every query window): they come
+    in window order; the triton backend ranks them as the reference does."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 4, 16, device=DEVICE)
+    k = torch.randn(1, 4, 4, 16, device=DEVICE)
+    k[:, :2, 2:] = k[:, :2, :2]  # window 1 = window 0
+    k[:, 2:, 2:] = k[:, :2, :2]  # window 3 = window 0
+    got = region_topk_2d(q, k, 2, 4, backend=backend).cpu()
+    for row in got[0].tolist():
+        tied = [w for w in row if w in (0, 1, 3)]
+        assert tied == [0, 1, 3], row
+    assert torch.equal(got, _pooled_routing(q.cpu(), k.cpu(), (2, 2), 4, 1.0))
+
+
+def test_region_topk_2d_triton_in_half_precision_ranks_by_fp32_logits():
+    """In bf16 the triton backend's means and logits are fp32: its picks are the fp32 ranking of
+    the bf16 inputs."""
+    torch.manual_seed(2)
+    q, k = (torch.randn(2, 12, 12, 32, device=DEVICE).bfloat16() for _ in range(2))
+    got = region_topk_2d(q, k, 3, 3, 0.5, backend="triton")
+    assert torch.equal(got.cpu(), _pooled_routing(q.float().cpu(), k.float().cpu(), (3, 3), 3, 0.5))
+
+
+def test_invert_routing_lists_the_query_windows_of_every_key_window():
+    """The backward's CSR of the routing (one Triton launch) against a loop: repeats listed twice,
+    unrouted key regions empty, query regions in increasing order."""
+    from visattn.kernels.triton_routed import _invert_routing
+
+    torch.manual_seed(3)
+    index = torch.randint(0, 5, (3, 7, 4))
+    index[0, 2] = torch.tensor([1, 1, 1, 4])
+    offsets, regions = _invert_routing(index.to(DEVICE), 6)
+    assert offsets.dtype == regions.dtype == torch.int32
+    for b in range(3):
+        want = [[r for r in range(7) for slot in range(4) if index[b, r, slot] == key] for key in range(6)]
+        counts = [len(w) for w in want]
+        assert offsets[b].tolist() == [sum(counts[:i]) for i in range(7)]
+        assert regions[b].tolist() == [r for w in want for r in w]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, k: region_topk_2d(q, k[:, :2], 2, 1), r"q and k must be \[B, H, W, C\] maps of one shape"),
+    (lambda q, k: region_topk_2d(q[0], k[0], 2, 1), r"q and k must be \[B, H, W, C\] maps"),
+    (lambda q, k: region_topk_2d(q, k, 3, 1), r"the 4x6 map must divide into region_grid 3x3"),
+    (lambda q, k: region_topk_2d(q, k, 2, 5), r"topk must be in \[1, 4\] \(the number of windows\), got 5"),
+    (lambda q, k: region_topk_2d(q, k, 2, 1, backend="cuda"), r"unknown backend 'cuda'"),
+    (lambda q, k: region_topk_2d(q.double(), k.double(), 2, 1, backend="triton"), r"float64"),
+])
+def test_region_topk_2d_bad_input(call, match):
+    q, k = (torch.randn(1, 4, 6, 8) for _ in range(2))
+    with pytest.raises(ValueError, match=match):
+        call(q, k)
 
 
 @pytest.mark.parametrize("call, match", [

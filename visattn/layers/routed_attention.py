@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from visattn.kernels import region_topk, routed_attention_2d
+from visattn.kernels import region_topk_2d, routed_attention_2d
 
 
 @register_notrace_module  # shape-dependent padding and routing: a leaf for torch.fx
@@ -50,12 +50,12 @@ class BiLevelRoutingAttention(nn.Module):
         B, H, W, _ = qkv.shape
         n = self.n_win
         q, k, v = qkv.split([self.qk_dim, self.qk_dim, C], dim=-1)
-        # Region descriptors: mean q / k per window, detached (the released models route without gradient).
-        q_desc, k_desc = (t.detach().reshape(B, n, H // n, n, W // n, -1).mean((2, 4)).reshape(B, n * n, -1)
-                          for t in (q, k))
-        index = region_topk(q_desc * self.scale, k_desc, self.topk)
+        # Routing by the mean q / k of each window, without gradient (as the released models).
+        # The gather backend (the official algorithm) routes with the official op sequence too.
+        routing_backend = "reference" if self.backend in ("reference", "gather") else self.backend
+        index = region_topk_2d(q, k, n, self.topk, self.scale, routing_backend)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
-        # region_topk's indices lie in [0, n_win**2) by construction: no range check needed.
+        # region_topk_2d's indices lie in [0, n_win**2) by construction: no range check needed.
         out = routed_attention_2d(q, k, v, index, n, self.scale, self.backend, check_index=False)
         return out.reshape(B, H, W, C)
 
