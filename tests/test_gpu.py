@@ -203,6 +203,47 @@ def test_triton_routed_2d_matches_fp64_reference(size, n_win, topk, heads, dtype
         assert rel < NA_TOLERANCE[dtype], f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("size, n_win, topk, C", [(56, 7, 1, 64), (14, 7, 16, 256), (64, 8, 4, 128)],
+                         ids=["s1-224", "s3-224", "s2-512"])
+def test_region_topk_2d_triton_on_cuda(size, n_win, topk, C):
+    """BiFormer's routing at its stage sizes: the triton backend picks the reference's windows in
+    fp32 (both route the same descriptors), and in bf16 the fp32 ranking of the bf16 maps."""
+    from visattn.kernels import region_topk_2d
+
+    qkv = torch.randn(4, size, size, 3 * C, device="cuda")
+    q, k = qkv[..., :C], qkv[..., C:2 * C]
+    want = region_topk_2d(q, k, n_win, topk, C ** -0.5, backend="reference")
+    assert torch.equal(region_topk_2d(q, k, n_win, topk, C ** -0.5, backend="triton"), want)
+    qb, kb = q.bfloat16(), k.bfloat16()
+    assert torch.equal(region_topk_2d(qb, kb, n_win, topk, C ** -0.5, backend="triton"),
+                       region_topk_2d(qb.float(), kb.float(), n_win, topk, C ** -0.5, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size, C, k", [(56, 64, 5), (14, 256, 3), (28, 128, 5)], ids=["lepe-s1", "pos-s3", "lepe-s2"])
+def test_depthwise_conv_on_cuda(size, C, k, dtype):
+    """The fused depthwise conv + residual against F.conv2d in fp64, forward and every gradient;
+    bf16 under autocast (the conv in bf16, an fp32 residual), as BiFormer's blocks run it."""
+    from visattn.kernels import depthwise_conv2d_nhwc
+
+    x = torch.randn(8, size, size, 2 * C, device="cuda")[..., C:]
+    weight = torch.randn(C, 1, k, k, device="cuda") * 0.2
+    bias = torch.randn(C, device="cuda")
+    residual = torch.randn(8, size, size, C, device="cuda")
+    grad = torch.randn(8, size, size, C, device="cuda")
+    results = []
+    for backend, cast in (("triton", dtype), ("torch", torch.float64)):
+        leaves = [t.double().requires_grad_() if cast == torch.float64 else t.clone().requires_grad_()
+                  for t in (x, weight, bias, residual)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cast == torch.bfloat16):
+            out = depthwise_conv2d_nhwc(*leaves, backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, w in zip(["out", "dx", "dweight", "dbias", "dresidual"], *results):
+        rel = ((g.double() - w).norm() / w.norm()).item()
+        assert rel < tolerance, f"{name}: relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_upscale_autocast_on_cuda(dtype):
     """visattn.sr.upscale under fp16 / bf16 autocast on CUDA: close to the fp32 run, tiled or not,

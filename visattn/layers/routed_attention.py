@@ -1,6 +1,7 @@
 """BiFormer's attention modules: bi-level routing attention and global attention with LePE.
 
-Parameters only; the routed op comes from ``visattn.kernels``. Both take and return NHWC maps.
+Parameters only; the routed op and LePE's depthwise conv (fused with its residual add) come from
+``visattn.kernels``. Both take and return NHWC maps.
 """
 from typing import Optional
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from visattn.kernels import region_topk_2d, routed_attention_2d
+from visattn.kernels import depthwise_conv2d_nhwc, region_topk_2d, routed_attention_2d
 
 
 @register_notrace_module  # shape-dependent padding and routing: a leaf for torch.fx
@@ -70,7 +71,7 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         qkv = self.qkv(x)
         out = self._attend(qkv, C)
-        out = out + self.lepe(qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = depthwise_conv2d_nhwc(qkv[..., 2 * self.qk_dim:], self.lepe.weight, self.lepe.bias, residual=out)
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
 
@@ -98,5 +99,5 @@ class AttentionLePE(nn.Module):
         q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = depthwise_conv2d_nhwc(x, self.lepe.weight, self.lepe.bias, residual=out)
         return self.proj(out)

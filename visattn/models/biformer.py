@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, remap_keys, unwrap_checkpoint
+from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.layers import AttentionLePE, BiLevelRoutingAttention, LayerNorm, NHWCTransformerBlock
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 
@@ -35,11 +36,11 @@ class BiFormerBlock(NHWCTransformerBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last memory (a no-op after the first block of a stage) makes the NHWC view of
-        # the map dense, so the transformer block's ops and residual adds run on contiguous tensors
-        # and the depthwise convs on cuDNN's NHWC kernels; the block output stays channels-last.
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = x + self.pos_embed(x)
-        return self.residual_branches(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # the map dense, so the position conv (fused with its residual add), the transformer
+        # block's ops and its residual adds run on contiguous tensors; the output stays channels-last.
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        x = depthwise_conv2d_nhwc(x, self.pos_embed.weight, self.pos_embed.bias, residual=x)
+        return self.residual_branches(x).permute(0, 3, 1, 2)
 
 
 class BiFormerStage(nn.Module):

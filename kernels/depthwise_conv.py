@@ -1,0 +1,236 @@
+"""Depthwise 2-D convolution of channels-last maps with a fused residual add, Triton on CUDA.
+
+BiFormer adds a depthwise conv to every block twice (the 3x3 positional conv on the block input,
+LePE's 5x5 on V): through ``nn.Conv2d`` each is a permute, two autocast weight casts, a cuDNN call
+(tens of µs of host time per call, more in its backward) and a residual add. Here one launch
+computes ``residual + conv(x)`` on the ``[B, H, W, C]`` map where it lies; the backward is two
+launches (dx, a transposed depthwise conv; the weight and bias gradients, summed per program
+and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
+CPU tensors use ``F.conv2d``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ._triton_common import CallCache, KernelCall, interpreting
+except ImportError:  # triton ships with torch's Linux builds only
+    triton = None
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "torch", "triton")
+_TILE_ELEMENTS = 2048  # positions x channels per program
+_WEIGHT_GRAD_PROGRAMS = 512  # programs over the positions of the weight-gradient sums
+
+
+def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                          residual: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """``residual + conv2d(x, weight, bias, padding=k // 2, groups=C)`` on channels-last maps.
+
+    Args:
+        x: ``[B, H, W, C]`` (any strides, e.g. a slice of a projection).
+        weight: ``[C, 1, kh, kw]`` (an ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``'s), odd
+            ``kh`` / ``kw``: stride 1, dilation 1, zero padding to the same size.
+        bias: ``[C]`` or None; residual: ``[B, H, W, C]`` added to the result, or None.
+        backend: ``"torch"`` (``F.conv2d`` and an add), ``"triton"`` (the fused kernels, forward
+            and backward; on CPU only under ``TRITON_INTERPRET=1``) or ``"auto"``: Triton for CUDA
+            tensors of fp16 / bf16 / fp32 outside ``torch.compile``, else ``"torch"``.
+
+    Returns: ``[B, H, W, C]`` contiguous. Under autocast the conv runs in the autocast dtype, as
+    ``nn.Conv2d`` does (inputs, weight and bias rounded to it, the result rounded to it), and the
+    sum has the promoted dtype of ``residual`` and the conv; the Triton backward keeps the weight
+    and bias gradients in fp32 (the cuDNN one rounds them to the autocast dtype first).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"depthwise_conv2d_nhwc: unknown backend {backend!r}; expected one of {_BACKENDS}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"depthwise_conv2d_nhwc: x must be a [B, H, W, C] map, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    C = x.shape[-1]
+    if weight.dim() != 4 or weight.shape[:2] != (C, 1) or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
+        raise ValueError(f"depthwise_conv2d_nhwc: weight must be [C, 1, kh, kw] with C = {C} and odd kh, kw "
+                         f"(a depthwise conv with 'same' padding), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (C,):
+        raise ValueError(f"depthwise_conv2d_nhwc: bias must have shape ({C},), got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"depthwise_conv2d_nhwc: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if backend == "auto":
+        dtypes_ok = x.dtype in _SUPPORTED and (residual is None or residual.dtype in _SUPPORTED)
+        backend = "triton" if triton is not None and x.is_cuda and dtypes_ok and not torch.compiler.is_compiling() else "torch"
+    if backend == "torch":
+        kh, kw = weight.shape[2:]
+        out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=(kh // 2, kw // 2), groups=C).permute(0, 2, 3, 1)
+        return out if residual is None else residual + out
+    if triton is None:
+        raise RuntimeError("depthwise_conv2d_nhwc backend 'triton' needs the triton package")
+    if x.dtype not in _SUPPORTED or (residual is not None and residual.dtype not in _SUPPORTED):
+        raise ValueError(f"depthwise_conv2d_nhwc backend 'triton' takes fp16 / bf16 / fp32 maps, got x {x.dtype}"
+                         + ("" if residual is None else f" and residual {residual.dtype}"))
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        conv_dtype = torch.get_autocast_dtype(device)
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"depthwise_conv2d_nhwc: x ({x.dtype}), weight ({weight.dtype}) and bias must share one dtype "
+                         f"outside autocast, as for F.conv2d")
+    else:
+        conv_dtype = x.dtype
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    out_dtype = conv_dtype if residual is None else torch.promote_types(residual.dtype, conv_dtype)
+    with torch.autocast(device, enabled=False):
+        return _DepthwiseConvFunction.apply(x, weight, bias, residual, conv_dtype, out_dtype)
+
+
+class _DepthwiseConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, conv_dtype, out_dtype):
+        B, H, W, C = x.shape
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        res = residual if residual is not None else out
+        key = ("fwd", x.shape, x.stride(), res.stride(), tuple(weight.shape[2:]), bias is not None,
+               residual is not None, conv_dtype, x.device)
+        _CALLS.get(key, lambda: _conv_call(x, res, out, tuple(weight.shape[2:]), bias is not None,
+                                           residual is not None, False, conv_dtype))(
+            x, weight, bias if bias is not None else weight, res, out)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.conv_dtype = bias is not None, conv_dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        B, H, W, C = x.shape
+        kh, kw = weight.shape[2:]
+        dx = dw = db = dres = None
+        if ctx.needs_input_grad[0]:
+            # dx = the conv of dO (rounded to the conv dtype, as autocast's add hands it down) with
+            # the kernel flipped: a depthwise conv of 'same' padding is its own transpose, flipped.
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            key = ("dx", x.shape, grad_out.stride(), (kh, kw), ctx.conv_dtype, x.dtype, x.device)
+            _CALLS.get(key, lambda: _conv_call(grad_out, grad_out, dx, (kh, kw), False, False, True, ctx.conv_dtype))(
+                grad_out, weight, weight, grad_out, dx)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            sums = torch.zeros(C * (kh * kw + 1), dtype=torch.float32, device=x.device)  # dw [C, kh*kw], then db [C]
+            key = ("dw", x.shape, x.stride(), grad_out.stride(), (kh, kw), ctx.conv_dtype, x.device)
+            _CALLS.get(key, lambda: _weight_grad_call(x, grad_out, (kh, kw), ctx.conv_dtype))(x, grad_out, sums)
+            if ctx.needs_input_grad[1]:
+                dw = sums[:C * kh * kw].view(C, 1, kh, kw).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = sums[C * kh * kw:].to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            dres = grad_out if grad_out.dtype == ctx.residual_dtype else grad_out.to(ctx.residual_dtype)
+        return dx, dw, db, dres, None, None
+
+
+def _tiles(C: int) -> Tuple[int, int]:
+    block_c = min(64, triton.next_power_of_2(C))
+    return max(1, _TILE_ELEMENTS // block_c), block_c
+
+
+def _conv_call(x: torch.Tensor, res: torch.Tensor, out: torch.Tensor, kernel: Tuple[int, int], has_bias: bool,
+               has_residual: bool, flip: bool, conv_dtype: torch.dtype) -> KernelCall:
+    B, H, W, C = x.shape
+    block_p, block_c = _tiles(C)
+    return KernelCall(_dwconv_kernel, (triton.cdiv(B * H * W, block_p), triton.cdiv(C, block_c)),
+                      (*x.stride(), *res.stride(), H, W, C, B * H * W),
+                      dict(KH=kernel[0], KW=kernel[1], HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, FLIP=flip,
+                           CONV_DTYPE=_TL_DTYPES[conv_dtype], BLOCK_P=block_p, BLOCK_C=block_c))
+
+
+def _weight_grad_call(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int],
+                      conv_dtype: torch.dtype) -> KernelCall:
+    B, H, W, C = x.shape
+    block_p, block_c = _tiles(C)
+    c_blocks = triton.cdiv(C, block_c)
+    position_blocks = triton.cdiv(B * H * W, block_p)
+    programs = max(1, min(position_blocks, _WEIGHT_GRAD_PROGRAMS // c_blocks))
+    if interpreting():
+        programs = min(programs, 4)  # the interpreter runs programs one by one
+    return KernelCall(_dwconv_weight_grad_kernel, (c_blocks, programs),
+                      (*x.stride(), *grad_out.stride(), H, W, C, B * H * W, programs),
+                      dict(KH=kernel[0], KW=kernel[1], TAPS=triton.next_power_of_2(kernel[0] * kernel[1]),
+                           CONV_DTYPE=_TL_DTYPES[conv_dtype], BLOCK_P=block_p, BLOCK_C=block_c))
+
+
+# The launches of each call signature.
+_CALLS = CallCache() if triton is not None else None
+
+
+if triton is not None:
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+    @triton.jit
+    def _positions(p, H, W):
+        return p // (H * W), (p // W) % H, p % W
+
+    @triton.jit
+    def _dwconv_kernel(X, Wt, Bias, Res, Out, s_xb, s_xh, s_xw, s_xc, s_rb, s_rh, s_rw, s_rc, H, W, C, P,
+                       KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       FLIP: tl.constexpr, CONV_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # out[p, c] = res[p, c] + round(bias[c] + sum_taps w[c, i, j] x[p + (i, j) - pad, c]) over a
+        # [BLOCK_P positions, BLOCK_C channels] tile; FLIP reads the taps mirrored (the dx pass).
+        # Operands are rounded to CONV_DTYPE first and accumulated in fp32.
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p_ok = p < P
+        c_ok = c < C
+        b, y, x = _positions(p, H, W)
+        b = b.to(tl.int64)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for i in tl.static_range(KH):
+            yy = y + i - KH // 2
+            for j in tl.static_range(KW):
+                xx = x + j - KW // 2
+                ok = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                tap = (KH - 1 - i) * KW + (KW - 1 - j) if FLIP else i * KW + j
+                w = tl.load(Wt + c * (KH * KW) + tap, mask=c_ok, other=0.0).to(CONV_DTYPE).to(tl.float32)
+                v = tl.load(X + (b * s_xb + yy * s_xh + xx * s_xw)[:, None] + c[None, :] * s_xc,
+                            mask=ok[:, None] & c_ok[None, :], other=0.0)
+                acc += v.to(CONV_DTYPE).to(tl.float32) * w[None, :]
+        if HAS_BIAS:
+            acc += tl.load(Bias + c, mask=c_ok, other=0.0).to(CONV_DTYPE).to(tl.float32)[None, :]
+        result = acc.to(CONV_DTYPE).to(tl.float32)
+        mask = p_ok[:, None] & c_ok[None, :]
+        if HAS_RESIDUAL:
+            result += tl.load(Res + (b * s_rb + y * s_rh + x * s_rw)[:, None] + c[None, :] * s_rc,
+                              mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + p[:, None].to(tl.int64) * C + c[None, :], result.to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dwconv_weight_grad_kernel(X, DO, Sums, s_xb, s_xh, s_xw, s_xc, s_gb, s_gh, s_gw, s_gc, H, W, C, P, PROGRAMS,
+                                   KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, CONV_DTYPE: tl.constexpr,
+                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # dw[c, tap] = sum_p dO[p, c] x[p + tap - pad, c] and db[c] = sum_p dO[p, c]: this program's
+        # position blocks (every PROGRAMS-th) summed in registers ([TAPS, BLOCK_C] rows by tap),
+        # then added atomically into Sums = [dw (C x KH*KW) | db (C)].
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        taps = tl.arange(0, TAPS)
+        dw = tl.zeros([TAPS, BLOCK_C], tl.float32)
+        db = tl.zeros([BLOCK_C], tl.float32)
+        for p0 in range(tl.program_id(1) * BLOCK_P, P, PROGRAMS * BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = p < P
+            b, y, x = _positions(p, H, W)
+            b = b.to(tl.int64)
+            g = tl.load(DO + (b * s_gb + y * s_gh + x * s_gw)[:, None] + c[None, :] * s_gc,
+                        mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+            db += tl.sum(g, axis=0)
+            for i in tl.static_range(KH):
+                yy = y + i - KH // 2
+                for j in tl.static_range(KW):
+                    xx = x + j - KW // 2
+                    ok = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                    v = tl.load(X + (b * s_xb + yy * s_xh + xx * s_xw)[:, None] + c[None, :] * s_xc,
+                                mask=ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+                    part = tl.sum(g * v, axis=0)
+                    dw = tl.where(taps[:, None] == i * KW + j, dw + part[None, :], dw)
+        mask = (taps < KH * KW)[:, None] & c_ok[None, :]
+        tl.atomic_add(Sums + c[None, :] * (KH * KW) + taps[:, None], dw, mask=mask)
+        tl.atomic_add(Sums + C * (KH * KW) + c, db, mask=c_ok)
