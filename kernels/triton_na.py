@@ -211,8 +211,8 @@ def _na_fwd_kernel(
     q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)  # q_s, as in the backward
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
-    rpb_first = rpb_ptr + n * s_rn + _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw,
-                                                              KT, KH, KW)
+    rpb_head = rpb_ptr + n * s_rn
+    rel_first = _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw, KT, KH, KW)
 
     # Keys outside a query's window get the logit -inf, so exp2 zeroes them without a second
     # select; m_safe keeps rows with no key yet at 0, not NaN. m_i is the running max of u.
@@ -231,7 +231,7 @@ def _na_fwd_kernel(
             kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            u = _logits(dot(q, tl.trans(k), IEEE), rpb_first + (a * s_rt + r * s_rh), in_window, HAS_RPB)
+            u = _logits(dot(q, tl.trans(k), IEEE), rpb_head + (rel_first + (a * s_rt + r * s_rh)), in_window, HAS_RPB)
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((m_i - m_safe) * _base2_unit(HAS_RPB))

@@ -1,4 +1,4 @@
-"""Instruction counts of the Triton NA kernels for sm_90, compiled offline (no GPU needed).
+"""Instruction and register counts of the Triton NA kernels for sm_90, compiled offline (no GPU needed).
 
 Compiles ``_na_fwd_kernel`` / ``_na_bwd_dq_kernel`` / ``_na_bwd_dkdv_kernel`` for one of the
 benchmark shapes (inputs sliced from a fused qkv, as the models pass them; run it without
@@ -87,6 +87,17 @@ def disassemble(compiled) -> str:
                               text=True, check=True).stdout
 
 
+def registers(compiled) -> int:
+    """Registers per thread of the compiled kernel (from ``cuobjdump --dump-resource-usage``)."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
 def summarize(sass: str) -> str:
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) for m in [_LABEL.match(line)] if m}
@@ -115,7 +126,8 @@ def main() -> None:
     for kind in args.kernels:
         for rpb in (True, False):
             compiled = compile_kernel(kind, shape, _config(getattr(args, kind)), rpb, args.stages)
-            print(f"{kind} {'rpb' if rpb else 'no-rpb'} ({getattr(args, kind)}): {summarize(disassemble(compiled))}",
+            print(f"{kind} {'rpb' if rpb else 'no-rpb'} ({getattr(args, kind)}, {registers(compiled)} registers): "
+                  f"{summarize(disassemble(compiled))}",
                   flush=True)
 
 
