@@ -50,12 +50,21 @@ def fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> T
         return candidates[0], {}
     import triton.testing
 
-    timings = {}
-    for cfg in candidates:
-        try:
-            timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-        except triton.runtime.errors.OutOfResources:
-            continue
+    # Two rounds, each candidate's best median kept: an idle GPU clocks up during the first
+    # timings (seen on the H200: the first candidate measured up to 2x slow), which would
+    # otherwise count against whichever candidate comes first.
+    timings: Dict[Config, float] = {}
+    refused = set()
+    for _ in range(2):
+        for cfg in candidates:
+            if cfg in refused:
+                continue
+            try:
+                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except triton.runtime.errors.OutOfResources:
+                refused.add(cfg)
+                continue
+            timings[cfg] = min(ms, timings.get(cfg, ms))
     return min(timings, key=timings.get), timings
 
 

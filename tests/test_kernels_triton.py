@@ -292,3 +292,28 @@ def test_kernel_call_checks_its_grid():
         KernelCall(_layer_norm_fwd, (), (), {})
     call = KernelCall(_layer_norm_fwd, (4,), (), {})
     assert call.grid == (4, 1, 1)
+
+
+def test_tuner_keeps_each_candidates_best_round_and_skips_refused_ones(monkeypatch):
+    """``fastest`` times every candidate twice (an idle GPU clocks up during the first timings) and
+    keeps the best; a candidate that runs out of resources is skipped."""
+    import triton
+    import triton.testing
+
+    from visattn.kernels._triton_common import fastest
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("VISATTN_AUTOTUNE", "1")
+    # Candidate "a" is measured first, while the clock ramps up: slow in round one only.
+    rounds = {"a": iter([9.0, 1.0]), "b": iter([2.0, 2.5])}
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg == "big":
+            raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), next(rounds[launched[-1]]))[1])
+    best, timings = fastest(["a", "big", "b"], launch)
+    assert best == "a" and timings == {"a": 1.0, "b": 2.0}
+    assert launched.count("big") == 1
