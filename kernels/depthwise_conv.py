@@ -4,8 +4,8 @@ BiFormer adds a depthwise conv to every block twice (the 3x3 positional conv on 
 LePE's 5x5 on V): through ``nn.Conv2d`` each is a permute, two autocast weight casts, a cuDNN call
 (tens of µs of host time per call, more in its backward) and a residual add. Here one launch
 computes ``residual + conv(x)`` on the ``[B, H, W, C]`` map where it lies; the backward is two
-launches (dx, a transposed depthwise conv; the weight and bias gradients, summed per program
-and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
+launches (dx, a transposed depthwise conv; the weight and bias gradients, summed per chunk of
+positions and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
 CPU tensors use ``F.conv2d``.
 """
 from __future__ import annotations
@@ -152,10 +152,11 @@ def _weight_grad_call(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int
     programs = max(1, min(position_blocks, _WEIGHT_GRAD_PROGRAMS // c_blocks))
     if interpreting():
         programs = min(programs, 4)  # the interpreter runs programs one by one
-    return KernelCall(_dwconv_weight_grad_kernel, (c_blocks, programs),
-                      (*x.stride(), *grad_out.stride(), H, W, C, B * H * W, programs),
-                      dict(KH=kernel[0], KW=kernel[1], TAPS=triton.next_power_of_2(kernel[0] * kernel[1]),
-                           CONV_DTYPE=_TL_DTYPES[conv_dtype], BLOCK_P=block_p, BLOCK_C=block_c))
+    chunk = triton.cdiv(position_blocks, programs) * block_p
+    return KernelCall(_dwconv_weight_grad_kernel, (c_blocks, triton.cdiv(B * H * W, chunk)),
+                      (*x.stride(), *grad_out.stride(), H, W, C, B * H * W, chunk),
+                      dict(KH=kernel[0], KW=kernel[1], CONV_DTYPE=_TL_DTYPES[conv_dtype], BLOCK_P=block_p,
+                           BLOCK_C=block_c))
 
 
 # The launches of each call signature.
@@ -203,34 +204,34 @@ if triton is not None:
         tl.store(Out + p[:, None].to(tl.int64) * C + c[None, :], result.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dwconv_weight_grad_kernel(X, DO, Sums, s_xb, s_xh, s_xw, s_xc, s_gb, s_gh, s_gw, s_gc, H, W, C, P, PROGRAMS,
-                                   KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, CONV_DTYPE: tl.constexpr,
+    def _dwconv_weight_grad_kernel(X, DO, Sums, s_xb, s_xh, s_xw, s_xc, s_gb, s_gh, s_gw, s_gc, H, W, C, P, CHUNK,
+                                   KH: tl.constexpr, KW: tl.constexpr, CONV_DTYPE: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # dw[c, tap] = sum_p dO[p, c] x[p + tap - pad, c] and db[c] = sum_p dO[p, c]: this program's
-        # position blocks (every PROGRAMS-th) summed in registers ([TAPS, BLOCK_C] rows by tap),
-        # then added atomically into Sums = [dw (C x KH*KW) | db (C)].
+        # dw[c, tap] = sum_p dO[p, c] x[p + tap - pad, c] and db[c] = sum_p dO[p, c] over this
+        # program's CHUNK positions: one tap at a time, products summed element-wise in a
+        # [BLOCK_P, BLOCK_C] tile and reduced across it once per tap (the chunk of dO is re-read
+        # per tap from cache), then added atomically into Sums = [dw (C x KH*KW) | db (C)].
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        taps = tl.arange(0, TAPS)
-        dw = tl.zeros([TAPS, BLOCK_C], tl.float32)
-        db = tl.zeros([BLOCK_C], tl.float32)
-        for p0 in range(tl.program_id(1) * BLOCK_P, P, PROGRAMS * BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            p_ok = p < P
-            b, y, x = _positions(p, H, W)
-            b = b.to(tl.int64)
-            g = tl.load(DO + (b * s_gb + y * s_gh + x * s_gw)[:, None] + c[None, :] * s_gc,
-                        mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
-            db += tl.sum(g, axis=0)
-            for i in tl.static_range(KH):
-                yy = y + i - KH // 2
-                for j in tl.static_range(KW):
-                    xx = x + j - KW // 2
-                    ok = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                    v = tl.load(X + (b * s_xb + yy * s_xh + xx * s_xw)[:, None] + c[None, :] * s_xc,
-                                mask=ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
-                    part = tl.sum(g * v, axis=0)
-                    dw = tl.where(taps[:, None] == i * KW + j, dw + part[None, :], dw)
-        mask = (taps < KH * KW)[:, None] & c_ok[None, :]
-        tl.atomic_add(Sums + c[None, :] * (KH * KW) + taps[:, None], dw, mask=mask)
-        tl.atomic_add(Sums + C * (KH * KW) + c, db, mask=c_ok)
+        p_first = tl.program_id(1) * CHUNK
+        p_stop = tl.minimum(p_first + CHUNK, P)
+        db = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for tap in tl.static_range(KH * KW):
+            acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+            for p0 in range(p_first, p_stop, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                p_ok = p < p_stop
+                b, y, x = _positions(p, H, W)
+                b = b.to(tl.int64)
+                g = tl.load(DO + (b * s_gb + y * s_gh + x * s_gw)[:, None] + c[None, :] * s_gc,
+                            mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+                yy = y + tap // KW - KH // 2
+                xx = x + tap % KW - KW // 2
+                ok = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                v = tl.load(X + (b * s_xb + yy * s_xh + xx * s_xw)[:, None] + c[None, :] * s_xc,
+                            mask=ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+                acc += g * v
+                if tap == 0:
+                    db += g
+            tl.atomic_add(Sums + c * (KH * KW) + tap, tl.sum(acc, axis=0), mask=c_ok)
+        tl.atomic_add(Sums + C * (KH * KW) + c, tl.sum(db, axis=0), mask=c_ok)

@@ -144,7 +144,7 @@ def test_official_bra_port_has_the_official_layout():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-@pytest.mark.parametrize("which", ["na", "routed", "model", "sr", "launch"])
+@pytest.mark.parametrize("which", ["na", "routed", "model", "sr", "launch", "dwconv"])
 def test_bench_without_cuda_says_why(which):
     with pytest.raises(SystemExit, match="need a CUDA device"):
         main(["bench", which])

@@ -123,6 +123,7 @@ BENCHMARKS = {
     "model": "training throughput: visattn models on each backend vs timm's Swin",
     "sr": "super-resolution: HAT-S forward vs a faithful port of the official code; tiled 2048² HAT x4 memory",
     "launch": "host time per call of the Triton ops: direct kernel launches vs JITFunction.run",
+    "dwconv": "depthwise conv + residual (BiFormer's position conv and LePE): Triton vs nn.Conv2d and an add",
 }
 
 
