@@ -4,8 +4,8 @@ BiFormer adds a depthwise conv to every block twice (the 3x3 positional conv on 
 LePE's 5x5 on V): through ``nn.Conv2d`` each is a permute, two autocast weight casts, a cuDNN call
 (tens of µs of host time per call, more in its backward) and a residual add. Here one launch
 computes ``residual + conv(x)`` on the ``[B, H, W, C]`` map where it lies; the backward is two
-launches (dx, a transposed depthwise conv; the weight and bias gradients, summed per chunk of
-positions and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
+launches (dx, a transposed depthwise conv; the weight and bias gradients, summed over a chunk of
+positions per program, every tap at once, and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
 CPU tensors use ``F.conv2d``.
 """
 from __future__ import annotations
@@ -146,7 +146,9 @@ def _conv_call(x: torch.Tensor, res: torch.Tensor, out: torch.Tensor, kernel: Tu
 def _weight_grad_call(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int],
                       conv_dtype: torch.dtype) -> KernelCall:
     B, H, W, C = x.shape
-    block_p, block_c = _tiles(C)
+    block_c = min(64, triton.next_power_of_2(C))
+    taps = triton.next_power_of_2(kernel[0] * kernel[1])
+    block_p = max(1, min(8, _TILE_ELEMENTS * 4 // (taps * block_c)))  # [taps, positions, channels] per step
     c_blocks = triton.cdiv(C, block_c)
     position_blocks = triton.cdiv(B * H * W, block_p)
     programs = max(1, min(position_blocks, _WEIGHT_GRAD_PROGRAMS // c_blocks))
@@ -155,8 +157,8 @@ def _weight_grad_call(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int
     chunk = triton.cdiv(position_blocks, programs) * block_p
     return KernelCall(_dwconv_weight_grad_kernel, (c_blocks, triton.cdiv(B * H * W, chunk)),
                       (*x.stride(), *grad_out.stride(), H, W, C, B * H * W, chunk),
-                      dict(KH=kernel[0], KW=kernel[1], CONV_DTYPE=_TL_DTYPES[conv_dtype], BLOCK_P=block_p,
-                           BLOCK_C=block_c))
+                      dict(KH=kernel[0], KW=kernel[1], TAPS=taps, CONV_DTYPE=_TL_DTYPES[conv_dtype],
+                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8))
 
 
 # The launches of each call signature.
@@ -205,33 +207,36 @@ if triton is not None:
 
     @triton.jit
     def _dwconv_weight_grad_kernel(X, DO, Sums, s_xb, s_xh, s_xw, s_xc, s_gb, s_gh, s_gw, s_gc, H, W, C, P, CHUNK,
-                                   KH: tl.constexpr, KW: tl.constexpr, CONV_DTYPE: tl.constexpr,
+                                   KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, CONV_DTYPE: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # dw[c, tap] = sum_p dO[p, c] x[p + tap - pad, c] and db[c] = sum_p dO[p, c] over this
-        # program's CHUNK positions: one tap at a time, products summed element-wise in a
-        # [BLOCK_P, BLOCK_C] tile and reduced across it once per tap (the chunk of dO is re-read
-        # per tap from cache), then added atomically into Sums = [dw (C x KH*KW) | db (C)].
+        # program's CHUNK positions, in steps of a few positions: every tap's x at once as a
+        # [TAPS, BLOCK_P, BLOCK_C] gather, times the step's dO, summed over the step's positions
+        # (mostly within threads) into a [TAPS, BLOCK_C] accumulator; then added atomically into
+        # Sums = [dw (C x KH*KW) | db (C)].
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
+        tap = tl.arange(0, TAPS)
+        dy = tap // KW - KH // 2
+        dx = tap % KW - KW // 2
+        tap_ok = tap < KH * KW
         p_first = tl.program_id(1) * CHUNK
         p_stop = tl.minimum(p_first + CHUNK, P)
+        dw = tl.zeros([TAPS, BLOCK_C], tl.float32)
         db = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        for tap in tl.static_range(KH * KW):
-            acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-            for p0 in range(p_first, p_stop, BLOCK_P):
-                p = p0 + tl.arange(0, BLOCK_P)
-                p_ok = p < p_stop
-                b, y, x = _positions(p, H, W)
-                b = b.to(tl.int64)
-                g = tl.load(DO + (b * s_gb + y * s_gh + x * s_gw)[:, None] + c[None, :] * s_gc,
-                            mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
-                yy = y + tap // KW - KH // 2
-                xx = x + tap % KW - KW // 2
-                ok = p_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                v = tl.load(X + (b * s_xb + yy * s_xh + xx * s_xw)[:, None] + c[None, :] * s_xc,
-                            mask=ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
-                acc += g * v
-                if tap == 0:
-                    db += g
-            tl.atomic_add(Sums + c * (KH * KW) + tap, tl.sum(acc, axis=0), mask=c_ok)
+        for p0 in range(p_first, p_stop, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = p < p_stop
+            b, y, x = _positions(p, H, W)
+            b = b.to(tl.int64)
+            g = tl.load(DO + (b * s_gb + y * s_gh + x * s_gw)[:, None] + c[None, :] * s_gc,
+                        mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+            db += g
+            yy = y[None, :] + dy[:, None]  # [TAPS, BLOCK_P]
+            xx = x[None, :] + dx[:, None]
+            ok = tap_ok[:, None] & p_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            v = tl.load(X + (b[None, :] * s_xb + yy * s_xh + xx * s_xw)[:, :, None] + c[None, None, :] * s_xc,
+                        mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(CONV_DTYPE).to(tl.float32)
+            dw += tl.sum(v * g[None, :, :], axis=1)
+        tl.atomic_add(Sums + c[None, :] * (KH * KW) + tap[:, None], dw, mask=tap_ok[:, None] & c_ok[None, :])
         tl.atomic_add(Sums + C * (KH * KW) + c, tl.sum(db, axis=0), mask=c_ok)

@@ -77,7 +77,7 @@ def run(shapes: List[ConvShape], out_path: str) -> Dict[str, object]:
     rows = []
     for shape in shapes:
         inputs = _inputs(shape)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # no graph kept alive to capture beside
             outs = {b: depthwise_conv2d_nhwc(*inputs, backend=b).float() for b in COMPETITORS}
         diff = (outs["triton"] - outs["torch"]).abs().max().item()
         for mode in ("fwd", "fwd+bwd"):
