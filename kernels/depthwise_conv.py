@@ -8,7 +8,6 @@ launches (dx, a transposed depthwise conv; the weight and bias gradients, summed
 positions per program, every tap at once, and added atomically in fp32). Calls under ``torch.compile`` (inductor fuses the add itself) and
 CPU tensors use ``F.conv2d``.
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple
 
@@ -29,6 +28,9 @@ _TILE_ELEMENTS = 2048  # positions x channels per program
 _WEIGHT_GRAD_PROGRAMS = 512  # programs over the positions of the weight-gradient sums
 
 
+# A Python op (Triton launches, an autograd.Function): scripted models call it as Python (TorchScript
+# drops an ignored function's defaults, so scripted callers pass every argument).
+@torch.jit.ignore
 def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                           residual: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """``residual + conv2d(x, weight, bias, padding=k // 2, groups=C)`` on channels-last maps.

@@ -80,11 +80,9 @@ def test_biformer_block_matches_conv_path(monkeypatch):
     x = torch.randn(1, 32, 6, 6, device=DEVICE, requires_grad=True)
     want = block(x)
     (want_grad,) = torch.autograd.grad(want.sum(), x)
-    original = dw.depthwise_conv2d_nhwc
-    monkeypatch.setattr("visattn.models.biformer.depthwise_conv2d_nhwc",
-                        lambda *a, **k: original(*a, **{**k, "backend": "triton"}))
-    monkeypatch.setattr("visattn.layers.routed_attention.depthwise_conv2d_nhwc",
-                        lambda *a, **k: original(*a, **{**k, "backend": "triton"}))
+    on_triton = lambda x, weight, bias, residual, backend: dw.depthwise_conv2d_nhwc(x, weight, bias, residual, "triton")
+    monkeypatch.setattr("visattn.models.biformer.depthwise_conv2d_nhwc", on_triton)
+    monkeypatch.setattr("visattn.layers.routed_attention.depthwise_conv2d_nhwc", on_triton)
     got = block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad, rtol=1e-4, atol=1e-4)

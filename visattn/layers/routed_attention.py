@@ -8,9 +8,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.layers import register_notrace_function, register_notrace_module
 
 from visattn.kernels import depthwise_conv2d_nhwc, region_topk_2d, routed_attention_2d
+
+# Shape checks and a Triton dispatch: a leaf for torch.fx (BiFormer's blocks call it in traced code).
+register_notrace_function(depthwise_conv2d_nhwc)
 
 
 @register_notrace_module  # shape-dependent padding and routing: a leaf for torch.fx
@@ -71,7 +74,7 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         qkv = self.qkv(x)
         out = self._attend(qkv, C)
-        out = depthwise_conv2d_nhwc(qkv[..., 2 * self.qk_dim:], self.lepe.weight, self.lepe.bias, residual=out)
+        out = depthwise_conv2d_nhwc(qkv[..., 2 * self.qk_dim:], self.lepe.weight, self.lepe.bias, out, "auto")
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
 
@@ -99,5 +102,5 @@ class AttentionLePE(nn.Module):
         q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        out = depthwise_conv2d_nhwc(x, self.lepe.weight, self.lepe.bias, residual=out)
+        out = depthwise_conv2d_nhwc(x, self.lepe.weight, self.lepe.bias, out, "auto")
         return self.proj(out)

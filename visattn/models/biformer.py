@@ -39,7 +39,7 @@ class BiFormerBlock(NHWCTransformerBlock):
         # the map dense, so the position conv (fused with its residual add), the transformer
         # block's ops and its residual adds run on contiguous tensors; the output stays channels-last.
         x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        x = depthwise_conv2d_nhwc(x, self.pos_embed.weight, self.pos_embed.bias, residual=x)
+        x = depthwise_conv2d_nhwc(x, self.pos_embed.weight, self.pos_embed.bias, x, "auto")
         return self.residual_branches(x).permute(0, 3, 1, 2)
 
 
