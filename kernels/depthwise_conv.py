@@ -5,7 +5,8 @@ LePE's 5x5 on V): through ``nn.Conv2d`` each is a permute, two autocast weight c
 (tens of µs of host time per call) and a residual add. Here one Triton launch computes
 ``residual + conv(x)`` on the ``[B, H, W, C]`` map where it lies (1.2-2x cuDNN's conv and add on
 the H200, ``visattn bench dwconv``). The backward is cuDNN's (``aten.convolution_backward`` on the
-NCHW views, in the conv dtype), which measured 1.5-2x faster than a Triton backward on the H200.
+NCHW views, in the conv dtype), which measured 1.5-2x faster than a Triton backward (BiFormer-S
+stage 1 on the H200).
 Calls under ``torch.compile`` (inductor fuses the add itself) and CPU tensors use ``F.conv2d``.
 """
 
@@ -39,9 +40,10 @@ def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         weight: ``[C, 1, kh, kw]`` (an ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``'s), odd
             ``kh`` / ``kw``: stride 1, dilation 1, zero padding to the same size.
         bias: ``[C]`` or None; residual: ``[B, H, W, C]`` added to the result, or None.
-        backend: ``"torch"`` (``F.conv2d`` and an add), ``"triton"`` (the fused kernels, forward
-            and backward; on CPU only under ``TRITON_INTERPRET=1``) or ``"auto"``: Triton for CUDA
-            tensors of fp16 / bf16 / fp32 outside ``torch.compile``, else ``"torch"``.
+        backend: ``"torch"`` (``F.conv2d`` and an add), ``"triton"`` (the fused Triton forward and
+            cuDNN's backward; on CPU only under ``TRITON_INTERPRET=1``, with ATen's backward) or
+            ``"auto"``: triton for CUDA tensors of fp16 / bf16 / fp32 outside ``torch.compile``,
+            else ``"torch"``.
 
     Returns: ``[B, H, W, C]`` contiguous. Under autocast the conv runs in the autocast dtype, as
     ``nn.Conv2d`` does (inputs, weight and bias rounded to it, the result rounded to it; so does
