@@ -16,9 +16,10 @@ import torch
 from ._checks import auto_picks_triton
 
 try:
-    from .triton_routed import region_topk_2d_triton, routed_triton, unsupported_reason
+    from .triton_routed import MAX_ROUTING_REGIONS, region_topk_2d_triton, routed_triton, unsupported_reason
 except ImportError:  # triton ships with torch's Linux builds only
     region_topk_2d_triton = routed_triton = unsupported_reason = None
+    MAX_ROUTING_REGIONS = 0
 
 
 def region_topk(q_desc: torch.Tensor, k_desc: torch.Tensor, topk: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ def region_topk_2d(q: torch.Tensor, k: torch.Tensor, region_grid: Union[int, Seq
         backend: ``"reference"`` runs the official op sequence (means, scale and logits in the
             inputs' dtype, a stable sort); ``"triton"`` computes them in fp32 in two launches (so
             under bf16 autocast it may pick differently where the reference's bf16 logits tie);
-            ``"auto"``: triton for CUDA tensors, else the reference.
+            ``"auto"``: triton for CUDA tensors (of at most 1024 windows), else the reference.
 
     Returns:
         int64 ``[B, nh * nw, topk]``, by descending logit; equal logits keep the lower window first.
@@ -74,7 +75,8 @@ def region_topk_2d(q: torch.Tensor, k: torch.Tensor, region_grid: Union[int, Seq
         raise ValueError(f"region_topk_2d: topk must be in [1, {nh * nw}] (the number of windows), got {topk}")
     if backend == "auto":
         backend = ("triton" if q.is_cuda and region_topk_2d_triton is not None and q.dtype == k.dtype
-                   and q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "reference")
+                   and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                   and nh * nw <= MAX_ROUTING_REGIONS else "reference")
     if backend == "triton":
         if region_topk_2d_triton is None:
             raise ValueError("region_topk_2d: backend='triton' needs triton, which this torch build lacks")

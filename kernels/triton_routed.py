@@ -516,7 +516,7 @@ def _region_topk_kernel(
 ):
     # BLOCK_RQ query regions of one batch against all its key regions: logits (scale q) . k in
     # fp32, then TOPK rounds of "largest remaining logit, lowest region on a tie" (a stable sort's
-    # order; NaN ranks first, as in torch.sort).
+    # order; a NaN logit counts as +inf, as torch.sort ranks NaN first).
     b = tl.program_id(1).to(tl.int64)
     rq = tl.program_id(0) * BLOCK_RQ + tl.arange(0, BLOCK_RQ)
     rk = tl.arange(0, BLOCK_R)
