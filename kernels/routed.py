@@ -4,8 +4,9 @@ router picked for them.
 The op is model-agnostic: any "route each query block to a few key blocks" scheme maps onto it by
 laying tokens out as ``[B, regions, tokens_per_region, heads, D]`` and giving, per query region,
 the indices of its key regions. BiFormer's bi-level routing attention is the composition
-``region descriptors (means) -> region_topk -> routed_attention`` (``visattn.layers``); other
-block-sparse schemes (fixed local + global blocks, learned routers) pass their own index.
+``region descriptors (means) -> region_topk -> routed_attention``, on its maps
+``region_topk_2d -> routed_attention_2d`` (``visattn.layers``); other block-sparse schemes (fixed
+local + global blocks, learned routers) pass their own index.
 """
 from __future__ import annotations
 
