@@ -68,6 +68,25 @@ def fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> T
     return min(timings, key=timings.get), timings
 
 
+class Tuner:
+    """The fastest launch candidate per key, timed once on the GPU (:func:`fastest`): ``best``
+    maps keys to the picked candidates and ``timings`` to every candidate's milliseconds (read by
+    the benchmarks and tools/tune_na.py). An untimed pick (the interpreter, ``VISATTN_AUTOTUNE=0``)
+    is the first candidate and is not remembered, so a later call may tune."""
+
+    def __init__(self) -> None:
+        self.best: Dict[Hashable, object] = {}
+        self.timings: Dict[Hashable, Dict[object, float]] = {}
+
+    def pick(self, key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], None]) -> Config:
+        if key not in self.best:
+            best, timings = fastest(candidates, launch)
+            if not timings:
+                return best
+            self.timings[key], self.best[key] = timings, best
+        return self.best[key]
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """``a @ b`` accumulated in fp32; full-precision (not TF32) products for fp32 inputs."""

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._checks import NAParams
 from .reference import neighborhood_index
-from ._triton_common import CallCache, KernelCall, dot, fastest, unsupported_reason
+from ._triton_common import CallCache, KernelCall, Tuner, dot, unsupported_reason
 
 # Partial sums per head of the rpb gradient: enough that concurrent programs rarely share one.
 _RPB_SLOTS = 128
@@ -490,9 +490,8 @@ _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     },
 }
 del _C
-_TUNED: Dict[tuple, LaunchConfig] = {}
-# Milliseconds of every candidate timed for a key (read by tools/tune_na.py).
-TIMINGS: Dict[tuple, Dict[LaunchConfig, float]] = {}
+# Tuned launches per (kernel, rank, shape class), with every candidate's milliseconds.
+TUNER = Tuner()
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
@@ -505,15 +504,8 @@ def _candidates(kind: str, rank: int) -> List[LaunchConfig]:
 
 def _tuned(kind: str, key: tuple, rank: int, launch: Callable[[LaunchConfig], None]) -> LaunchConfig:
     """The fastest candidate for ``key`` (timed once on the GPU), or the default when interpreting
-    or when ``VISATTN_AUTOTUNE=0`` (:func:`fastest`)."""
-    full_key = (kind, rank) + key
-    if full_key not in _TUNED:
-        best, timings = fastest(_candidates(kind, rank), launch)
-        if not timings:  # untimed: the default, not cached (a later call may tune)
-            return best
-        TIMINGS[full_key] = timings
-        _TUNED[full_key] = best
-    return _TUNED[full_key]
+    or when ``VISATTN_AUTOTUNE=0`` (:class:`Tuner`)."""
+    return TUNER.pick((kind, rank) + key, _candidates(kind, rank), launch)
 
 
 def _lift_strides(strides: Sequence[int], rank: int) -> tuple:

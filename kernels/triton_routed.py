@@ -26,13 +26,13 @@ as in the reference's concatenation.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, CallCache, KernelCall, dot, fastest, unsupported_reason
+from ._triton_common import LOG2E, CallCache, KernelCall, Tuner, dot, unsupported_reason
 
 
 @triton.jit
@@ -261,9 +261,8 @@ def _dkdv_candidates(tiles: _Tiles) -> List[DkdvConfig]:
             DkdvConfig(k2, q2, 8, 3), DkdvConfig(k2, q2, 4, 2)]
 
 
-# Tuned dK / dV launches per shape class, and every candidate's milliseconds (for the benchmarks).
-_TUNED_DKDV: Dict[tuple, DkdvConfig] = {}
-DKDV_TIMINGS: Dict[tuple, Dict[DkdvConfig, float]] = {}
+# Tuned dK / dV launches per shape class, with every candidate's milliseconds (for the benchmarks).
+DKDV_TUNER = Tuner()
 
 
 class _Geometry(NamedTuple):
@@ -384,14 +383,10 @@ def routed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
         shape_class = (geo, topk, D, q.dtype, (B * heads).bit_length())
-        if shape_class not in _TUNED_DKDV:
+        if shape_class not in DKDV_TUNER.best:
             dq_call(*dq_tensors)  # delta, which the dK / dV launches read while they are timed
-            best, timings = fastest(_dkdv_candidates(tiles), lambda cfg: dkdv_call(cfg)(*dkdv_tensors))
-            if not timings:  # untimed (interpreter, VISATTN_AUTOTUNE=0): the default
-                return dq_call, dkdv_call(best)
-            DKDV_TIMINGS[shape_class] = timings
-            _TUNED_DKDV[shape_class] = best
-        return dq_call, dkdv_call(_TUNED_DKDV[shape_class])
+        cfg = DKDV_TUNER.pick(shape_class, _dkdv_candidates(tiles), lambda cfg: dkdv_call(cfg)(*dkdv_tensors))
+        return dq_call, dkdv_call(cfg)
 
     dq_call, dkdv_call = _CALLS.get(_call_key("bwd", q, k, index, scale, region_grid), build)
     dq_call(*dq_tensors)

@@ -317,3 +317,21 @@ def test_tuner_keeps_each_candidates_best_round_and_skips_refused_ones(monkeypat
     best, timings = fastest(["a", "big", "b"], launch)
     assert best == "a" and timings == {"a": 1.0, "b": 2.0}
     assert launched.count("big") == 1
+
+
+def test_tuner_remembers_timed_picks_only(monkeypatch):
+    """``Tuner.pick`` times a key once and reuses its pick; an untimed pick (the interpreter) is the
+    first candidate and is not remembered, so a later call may still tune."""
+    import triton.testing
+
+    from visattn.kernels._triton_common import Tuner
+
+    tuner = Tuner()
+    assert tuner.pick("k", ["a", "b"], lambda cfg: None) == "a" and not tuner.best  # interpreting: untimed
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("VISATTN_AUTOTUNE", "1")
+    launched = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), {"a": 3.0, "b": 1.0}[launched[-1]])[1])
+    assert tuner.pick("k", ["a", "b"], launched.append) == "b"
+    assert tuner.timings == {"k": {"a": 3.0, "b": 1.0}} and len(launched) == 4  # two rounds
+    assert tuner.pick("k", ["a", "b"], launched.append) == "b" and len(launched) == 4  # remembered

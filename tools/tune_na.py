@@ -45,14 +45,14 @@ def main() -> None:
                                dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         rpb = None if args.no_rpb else torch.zeros(shape.heads, 2 * shape.kernel_size - 1, 2 * shape.kernel_size - 1,
                                                    device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        triton_na.TIMINGS.clear()
-        triton_na._TUNED.clear()
+        triton_na.TUNER.timings.clear()
+        triton_na.TUNER.best.clear()
         triton_na._CALLS.entries.clear()  # cached launches would skip the tuning
         out = na2d(q, k, v, shape.kernel_size, shape.dilation, shape.stride, rpb=rpb, backend="triton")
         out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         print(f"== {shape.name} (rpb={rpb is not None}) tuned in {time.time() - t0:.0f}s", flush=True)
-        for key, timings in triton_na.TIMINGS.items():
+        for key, timings in triton_na.TUNER.timings.items():
             ranked = sorted(timings.items(), key=lambda kv: kv[1])
             print(f"  {key[0]:9s} " + "  ".join(f"{c}={ms:.4f}" for c, ms in ranked), flush=True)
 

@@ -159,7 +159,7 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
     qkv, rpb = _make_inputs(shape, dtype)
     tensor_bytes = qkv.numel() // 3 * qkv.element_size()  # one of q, k, v, out
     results = []
-    tuned_before = set(triton_na._TUNED)
+    tuned_before = set(triton_na.TUNER.best)
     for mode in ("fwd", "fwd+bwd"):
         backward = mode == "fwd+bwd"
         # A fresh dynamo cache per case: flex recompiles per shape and grad mode, and past dynamo's
@@ -200,9 +200,9 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
             for t in leaves:
                 t.grad = None
         # The launch candidates the tuner picked for this case (kernel, with / without rpb).
-        row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na._TUNED.items()
+        row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na.TUNER.best.items()
                         if key not in tuned_before}
-        tuned_before = set(triton_na._TUNED)
+        tuned_before = set(triton_na.TUNER.best)
         n_tensors = 4 if not backward else 8  # q, k, v, out (+ their gradients)
         row["io_bytes"] = n_tensors * tensor_bytes
         row["roofline_ms"] = 4 * tensor_bytes / bandwidth * 1e3 if not backward else None

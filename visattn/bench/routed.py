@@ -76,7 +76,7 @@ def bench_shape(shape: BRAShape, dtype: torch.dtype) -> List[Dict[str, object]]:
     grad = torch.randn_like(x)
     rows = []
     outputs = {}
-    tuned_before = set(triton_routed.DKDV_TIMINGS)
+    tuned_before = set(triton_routed.DKDV_TUNER.timings)
     for mode in ("fwd", "fwd+bwd"):
         row: Dict[str, object] = {"shape": shape.name, "mode": mode, "ms": {}, "graph_ms": {}, "peak_bytes": {}}
         for name in COMPETITORS:
@@ -95,7 +95,7 @@ def bench_shape(shape: BRAShape, dtype: torch.dtype) -> List[Dict[str, object]]:
             for p in params:
                 p.grad = None
         if mode == "fwd+bwd":  # the dK / dV launch the tuner picked for this shape, and its candidates' ms
-            row["dkdv_candidate_ms"] = {str(cfg): ms for key, timings in triton_routed.DKDV_TIMINGS.items()
+            row["dkdv_candidate_ms"] = {str(cfg): ms for key, timings in triton_routed.DKDV_TUNER.timings.items()
                                  if key not in tuned_before for cfg, ms in timings.items()}
         rows.append(row)
     rows[0]["max_abs_diff"] = {name: (outputs["triton"] - outputs[name]).abs().max().item() for name in ("gather", "official")}
