@@ -62,8 +62,8 @@ def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"depthwise_conv2d_nhwc: bias must have shape ({C},), got {tuple(bias.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"depthwise_conv2d_nhwc: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    dtypes_ok = x.dtype in _SUPPORTED and (residual is None or residual.dtype in _SUPPORTED)
     if backend == "auto":
-        dtypes_ok = x.dtype in _SUPPORTED and (residual is None or residual.dtype in _SUPPORTED)
         backend = "triton" if triton is not None and x.is_cuda and dtypes_ok and not torch.compiler.is_compiling() else "torch"
     if backend == "torch":
         kh, kw = weight.shape[2:]
@@ -71,7 +71,7 @@ def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return out if residual is None else residual + out
     if triton is None:
         raise RuntimeError("depthwise_conv2d_nhwc backend 'triton' needs the triton package")
-    if x.dtype not in _SUPPORTED or (residual is not None and residual.dtype not in _SUPPORTED):
+    if not dtypes_ok:
         raise ValueError(f"depthwise_conv2d_nhwc backend 'triton' takes fp16 / bf16 / fp32 maps, got x {x.dtype}"
                          + ("" if residual is None else f" and residual {residual.dtype}"))
     device = x.device.type

@@ -74,14 +74,14 @@ def region_topk_2d(q: torch.Tensor, k: torch.Tensor, region_grid: Union[int, Seq
     nh, nw = _region_grid(region_grid, q, "region_topk_2d")
     if not 1 <= topk <= nh * nw:
         raise ValueError(f"region_topk_2d: topk must be in [1, {nh * nw}] (the number of windows), got {topk}")
+    dtype_ok = q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "auto":
-        backend = ("triton" if q.is_cuda and region_topk_2d_triton is not None and q.dtype == k.dtype
-                   and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        backend = ("triton" if q.is_cuda and region_topk_2d_triton is not None and dtype_ok
                    and nh * nw <= MAX_ROUTING_REGIONS else "reference")
     if backend == "triton":
         if region_topk_2d_triton is None:
             raise ValueError("region_topk_2d: backend='triton' needs triton, which this torch build lacks")
-        if not q.is_floating_point() or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.dtype != k.dtype:
+        if not dtype_ok:
             raise ValueError(f"region_topk_2d: the triton backend takes q and k of one dtype among float16, bfloat16 "
                              f"and float32, got {q.dtype} and {k.dtype}")
         if torch.compiler.is_compiling():
