@@ -17,7 +17,7 @@ import argparse
 import datetime
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -72,7 +72,7 @@ def _step(inputs: List[torch.Tensor], backend: str, mode: str) -> Callable[[], o
     return lambda: torch.autograd.grad(forward(), leaves, grad)
 
 
-def run(shapes: List[ConvShape], out_path: str) -> Dict[str, object]:
+def run(shapes: List[ConvShape], out_dir: Optional[str]) -> Dict[str, object]:
     require_cuda()
     rows = []
     for shape in shapes:
@@ -94,7 +94,6 @@ def run(shapes: List[ConvShape], out_path: str) -> Dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "dtype": "bfloat16 autocast", "shapes": [asdict(s) for s in shapes], "rows": rows,
     }
-    write_json(out_path, payload)
     table = [{
         "shape": r["shape"], "mode": r["mode"],
         **{f"{b} eager ms": f"{r['ms'][b]:.3f}" for b in COMPETITORS},
@@ -105,12 +104,14 @@ def run(shapes: List[ConvShape], out_path: str) -> Dict[str, object]:
     } for r in rows]
     print(f"depthwise conv + residual, bf16 autocast, {payload['device']}, {payload['date']}")
     print(format_table(table, list(table[0])))
+    if out_dir:
+        write_json(os.path.join(out_dir, "dwconv.json"), payload)
     return payload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", metavar="NAME", help=f"subset of {[s.name for s in SHAPES]}")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "dwconv.json"), help="JSON path")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for dwconv.json ('' for none)")
 
 
 def main(args: argparse.Namespace) -> int:

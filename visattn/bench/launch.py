@@ -15,7 +15,7 @@ import argparse
 import datetime
 import os
 import statistics
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], object]]:
     }
 
 
-def run(dtype: torch.dtype, out_path: str) -> Dict[str, object]:
+def run(dtype: torch.dtype, out_dir: Optional[str]) -> Dict[str, object]:
     require_cuda()
     rows = []
     for name, fn in cases(dtype).items():
@@ -98,15 +98,16 @@ def run(dtype: torch.dtype, out_path: str) -> Dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "rows": rows,
     }
-    write_json(out_path, payload)
     print(f"host microseconds per call, {payload['dtype']}, {payload['device']}, {payload['date']}")
     print(format_table(rows, ["call", "direct_us", "jit_us", "jit/direct"]))
+    if out_dir:
+        write_json(os.path.join(out_dir, "launch.json"), payload)
     return payload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "launch.json"), help="JSON path")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for launch.json ('' for none)")
 
 
 def main(args: argparse.Namespace) -> int:
