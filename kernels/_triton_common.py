@@ -18,6 +18,7 @@ except ImportError:  # triton < 3.4: its launcher's argument list differs, Kerne
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535
 
 
 def interpreting() -> bool:
@@ -33,8 +34,14 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
         return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[-2] > MAX_GRID_YZ:
+        # The kernels put (batch, head) on grid axis 1, which CUDA caps.
+        return f"batch x heads = {q.shape[0] * q.shape[-2]} > {MAX_GRID_YZ} (CUDA's limit on grid axis 1)"
     if not q.is_cuda and not interpreting():
         return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    if not q.is_cuda and q.dtype == torch.bfloat16:
+        # The CPU interpreter's bf16 matrix products are wrong (errors of ~1e9 relative), not slow.
+        return "bfloat16 CPU tensors under TRITON_INTERPRET=1 (its bfloat16 arithmetic is wrong; use float16 / float32)"
     return None
 
 
@@ -45,7 +52,7 @@ def fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> T
     """The candidate whose ``launch`` takes the least GPU time (median ms by ``triton.testing.do_bench``)
     and every candidate's time; the first candidate, untimed, under ``TRITON_INTERPRET=1`` (which
     cannot time kernels) or with ``VISATTN_AUTOTUNE=0``. Candidates that run out of resources are
-    skipped; ``launch`` must be safe to repeat."""
+    skipped (a ``RuntimeError`` when all do); ``launch`` must be safe to repeat."""
     if interpreting() or os.environ.get("VISATTN_AUTOTUNE", "1") == "0":
         return candidates[0], {}
     import triton.testing
@@ -65,6 +72,9 @@ def fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> T
                 refused.add(cfg)
                 continue
             timings[cfg] = min(ms, timings.get(cfg, ms))
+    if not timings:
+        raise RuntimeError(f"none of the {len(candidates)} Triton launch candidates fits this GPU's resources "
+                           f"(registers / shared memory): {list(candidates)}")
     return min(timings, key=timings.get), timings
 
 

@@ -31,6 +31,9 @@ CASES = [
     pytest.param((40,), 7, 1, 1, False, 32, id="1d-no-rpb"),
     pytest.param((5, 6, 7), 3, (1, 2, 1), (1, 1, 2), True, 16, id="3d"),
     pytest.param((6, 5, 9), (3, 3, 5), 1, (3, 1, 1), False, 16, id="3d-no-rpb"),
+    pytest.param((15, 16), (13, 5), (1, 3), 1, True, 16, id="2d-k13-per-axis"),
+    pytest.param((97, 6), (3, 3), (32, 2), (1, 1), True, 16, id="2d-dilation32"),
+    pytest.param((70,), 5, 13, 2, True, 16, id="1d-dilation13-k5"),
 ]
 
 
@@ -267,6 +270,36 @@ def test_unsupported_calls_raise():
     with pytest.raises(ValueError, match=r"does not support head_dim 320 > 256"):
         big = torch.randn(1, 9, 9, 1, 320, device=DEVICE)
         na2d(big, big, big, 3, backend="triton")
+    many = torch.randn(1, 3, 3, 1, 1, device=DEVICE).expand(65536, 3, 3, 1, 16)  # a view: no memory
+    with pytest.raises(ValueError, match=r"does not support batch x heads = 65536 > 65535"):
+        na2d(many, many, many, 3, backend="triton")
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.0])
+def test_custom_scale(scale):
+    q, k, v, rpb = _inputs((10, 11), 5, 16, True)
+    grad = torch.randn(q.shape, device=DEVICE)
+    got = [na2d(q, k, v, 5, rpb=rpb, scale=scale, backend="triton")]
+    got += torch.autograd.grad(got[0], (q, k, v, rpb), grad)
+    want = [na2d(q, k, v, 5, rpb=rpb, scale=scale, backend="reference")]
+    want += torch.autograd.grad(want[0], (q, k, v, rpb), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the interpreter's refusal of CPU bf16")
+def test_interpreter_refuses_bf16():
+    """The interpreter's bf16 products are wrong (not merely slow): bf16 CPU calls are refused,
+    never answered with wrong numbers."""
+    from visattn.kernels import routed_attention
+
+    q = torch.randn(1, 9, 9, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"does not support bfloat16 CPU tensors under TRITON_INTERPRET=1"):
+        na2d(q, q, q, 3, backend="triton")
+    index = torch.zeros(1, 4, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"does not support bfloat16 CPU tensors under TRITON_INTERPRET=1"):
+        routed_attention(torch.randn(1, 4, 4, 2, 8, dtype=torch.bfloat16), *(torch.randn(1, 4, 4, 2, 8, dtype=torch.bfloat16)
+                         for _ in range(2)), index, backend="triton")
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
@@ -283,6 +316,28 @@ def test_auto_is_reference_on_cpu(monkeypatch):
     q, k, v = (torch.randn(1, 9, 9, 2, 16) for _ in range(3))
     torch.testing.assert_close(na2d(q, k, v, 3), na2d(q, k, v, 3, backend="reference"))
     assert not called
+
+
+def test_auto_falls_back_with_one_warning_per_reason(monkeypatch):
+    """``auto`` on a CUDA call the kernels cannot run: the reference, with one warning per (op,
+    reason) naming the reason (on the GPU, tests/test_gpu.py runs this through na2d itself)."""
+    import warnings
+
+    from visattn.kernels import _checks
+
+    monkeypatch.setattr(_checks, "_fallback_warned", set())
+
+    class CudaLike:  # what auto_picks_triton reads of a tensor
+        is_cuda = True
+
+    reason = lambda q, v: "dtype torch.float64 (supported: float16, bfloat16, float32)"
+    with pytest.warns(UserWarning, match=r"test op falls back to the reference backend: the triton backend does "
+                                         r"not support dtype torch.float64"):
+        assert not _checks.auto_picks_triton("test op", CudaLike(), CudaLike(), reason, stacklevel=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _checks.auto_picks_triton("test op", CudaLike(), CudaLike(), reason, stacklevel=1)
+    assert _checks.auto_picks_triton("test op", CudaLike(), CudaLike(), lambda q, v: None, stacklevel=1)
 
 
 def test_kernel_call_checks_its_grid():
@@ -317,6 +372,8 @@ def test_tuner_keeps_each_candidates_best_round_and_skips_refused_ones(monkeypat
     best, timings = fastest(["a", "big", "b"], launch)
     assert best == "a" and timings == {"a": 1.0, "b": 2.0}
     assert launched.count("big") == 1
+    with pytest.raises(RuntimeError, match=r"none of the 1 Triton launch candidates fits .*\['big'\]"):
+        fastest(["big"], launch)
 
 
 def test_tuner_remembers_timed_picks_only(monkeypatch):
