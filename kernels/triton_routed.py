@@ -14,8 +14,8 @@ concatenated sequence, each row gathered from its own region.
   softmax (base 2) gives the output and the log-sum-exp.
 * Backward, query-centric: the same walk recomputes P, accumulates dQ in registers and writes
   ``delta = rowsum(dO * O)``.
-* Backward, key-centric: the routing is inverted on the host into a CSR list (for each key region,
-  the query regions that routed to it); a program owns ``BLOCK_K2`` keys of one region and walks
+* Backward, key-centric: the routing is inverted into a CSR list (for each key region, the query
+  regions that routed to it; one counting-sort launch, :func:`_invert_routing`); a program owns ``BLOCK_K2`` keys of one region and walks
   the ``count * Tq`` queries of those regions in packed steps of ``BLOCK_Q2`` (query ``e`` is
   token ``e % Tq`` of the list's region ``e // Tq``), accumulating dK and dV in registers: no
   atomics. Its launch (step length, warps, stages) is tuned on the GPU per shape class

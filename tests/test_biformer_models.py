@@ -119,13 +119,72 @@ def test_grad_checkpointing_same_gradients():
 
 
 @pytest.mark.parametrize("x, match", [
-    (torch.randn(1, 3, 100, 100), r"must be divisible by n_win=7"),
+    (torch.randn(1, 3, 100, 100), r"a 100x100 input gives a 25x25 map at stage 1 \(stride 4\), which n_win=7 does not "
+                                  r"divide; .* a multiple of 112 per side \(or auto_pad=True\)"),
     (torch.randn(1, 1, 224, 224), r"expects 3 input channels"),
 ])
 def test_bad_input(x, match):
     model = timm.create_model("visattn_biformer_t", depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match=match):
         model(x)
+    with pytest.raises(ValueError, match=match):
+        model.forward_intermediates(x)
+
+
+def test_bad_sizes_at_construction():
+    with pytest.raises(ValueError, match=r"img_size \(100, 100\) must be a multiple of 16 \* n_win = 112"):
+        timm.create_model("visattn_biformer_t", img_size=100)
+    with pytest.raises(ValueError, match=r"topks\[2\] = 50 routes to more key regions than stage 3's n_win x n_win = 49; "
+                                         r"expected 1 to 49"):
+        timm.create_model("visattn_biformer_t", topks=(1, 4, 50, -2))
+    with pytest.raises(ValueError, match=r"topk must be in \[1, 16\] .* got 17"):
+        BiLevelRoutingAttention(8, 2, n_win=4, qk_dim=8, topk=17)
+
+
+def test_dense_input_smaller_than_the_regions():
+    """auto_pad pads to a multiple of n_win, but a routed stage's map needs a token per region:
+    n_win=4 needs stage-3 maps (stride 16) of 4, so inputs of at least 3 * 16 + 1 = 49 pixels."""
+    model = visattn.models.BiFormerDenseBackbone(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), head_dim=4, n_win=4).eval()
+    with torch.no_grad():
+        assert [tuple(m.shape[2:]) for m in model(torch.randn(1, 3, 49, 64))] == [(13, 16), (7, 8), (4, 4), (2, 2)]
+        with pytest.raises(ValueError, match=r"a 48x64 input gives a 3x4 map at stage 3 \(stride 16\), smaller than its "
+                                             r"4x4 routing regions .* at least 49 pixels per side"):
+            model(torch.randn(1, 3, 48, 64))
+    layer = BiLevelRoutingAttention(8, 2, n_win=4, qk_dim=8, topk=2, auto_pad=True)
+    with pytest.raises(ValueError, match=r"the map \(3x5\) is smaller than its n_win x n_win = 4x4 regions"):
+        layer(torch.randn(1, 3, 5, 8))
+
+
+@pytest.fixture(scope="module")
+def biformer_tiny_official_file(tmp_path_factory):
+    """A full-size official-format biformer_tiny checkpoint with random weights, nested under
+    ``model`` as released."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in load_manifest("biformer_tiny")["state_dict"]}
+    path = tmp_path_factory.mktemp("ckpt") / "biformer_tiny.pth"
+    torch.save({"model": sd}, path)
+    return path, sd
+
+
+def test_pretrained_adapts_stem_and_head(biformer_tiny_official_file):
+    """Offline version of timm's test_model_load_pretrained (which downloads the release):
+    in_chans=1 / num_classes=5 / 0, and features_only on the pretrained weights."""
+    path, sd = biformer_tiny_official_file
+    overlay = dict(file=str(path), url=None)
+    model = timm.create_model("visattn_biformer_t", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1,
+                              num_classes=5).eval()
+    torch.testing.assert_close(model.stem[0].weight, sd["downsample_layers.0.0.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(model.stages[2].blocks[1].attn.qkv.weight, sd["stages.2.1.attn.qkv.qkv.weight"])
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 224, 224)).shape == (1, 5)
+    model = timm.create_model("visattn_biformer_t", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 512)
+    feats = timm.create_model("visattn_biformer_t", pretrained=True, pretrained_cfg_overlay=overlay, features_only=True).eval()
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = feats(torch.randn(1, 3, 224, 224))
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 
 
 def test_other_family_checkpoint_is_named():

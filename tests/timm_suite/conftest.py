@@ -56,7 +56,8 @@ def pytest_configure(config):
 NOT_APPLICABLE = {
     # Download the pretrained_cfg URL (the official release); CI has no network. The same
     # assertions (pretrained load with in_chans=1 / num_classes=5 / num_classes=0, and features_only
-    # on pretrained weights) run offline from local official-format files in tests/test_nat_models.py.
+    # on pretrained weights) run offline from local official-format files in tests/test_nat_models.py
+    # (NAT-Mini) and tests/test_biformer_models.py (BiFormer-T).
     "test_model_load_pretrained": "needs network",
     "test_model_features_pretrained": "needs network",
 }

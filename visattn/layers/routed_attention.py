@@ -37,6 +37,8 @@ class BiLevelRoutingAttention(nn.Module):
         super().__init__()
         if qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"qk_dim ({qk_dim}) and dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if not 1 <= topk <= n_win ** 2:
+            raise ValueError(f"topk must be in [1, {n_win ** 2}] (the n_win x n_win = {n_win}x{n_win} regions), got {topk}")
         self.num_heads, self.n_win, self.qk_dim, self.topk = num_heads, n_win, qk_dim, topk
         self.scale = qk_dim ** -0.5
         self.auto_pad = auto_pad
@@ -66,6 +68,9 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         n = self.n_win
+        if H < n or W < n:
+            raise ValueError(f"BiLevelRoutingAttention: the map ({H}x{W}) is smaller than its n_win x n_win = {n}x{n} "
+                             f"regions (a token each); expected at least {n} tokens per side")
         pad_h, pad_w = (n - H % n) % n, (n - W % n) % n
         if pad_h or pad_w:
             if not self.auto_pad:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, LayerNorm2d, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, remap_keys, unwrap_checkpoint
 from visattn.kernels import depthwise_conv2d_nhwc
@@ -72,6 +73,9 @@ def _trunk(in_chans: int, depths: Sequence[int], embed_dims: Sequence[int], qk_d
     rates = drop_path_schedule(drop_path_rate, sum(depths))
     stages = []
     for i, (depth, dim, qk_dim, topk) in enumerate(zip(depths, embed_dims, qk_dims, topks)):
+        if topk > n_win ** 2:
+            raise ValueError(f"topks[{i}] = {topk} routes to more key regions than stage {i + 1}'s n_win x n_win = "
+                             f"{n_win ** 2}; expected 1 to {n_win ** 2} (or -2 for global attention)")
         if topk > 0:
             attn_factory = partial(BiLevelRoutingAttention, dim, qk_dim // head_dim, n_win, qk_dim, topk,
                                    side_dwconv, auto_pad)
@@ -84,6 +88,34 @@ def _trunk(in_chans: int, depths: Sequence[int], embed_dims: Sequence[int], qk_d
                                     rates[start:start + depth]))
     return stem, nn.Sequential(*stages)
 
+
+
+@torch.jit.ignore
+def check_biformer_input(x: torch.Tensor, in_chans: int, n_win: int, topks: List[int], auto_pad: bool,
+                         model_name: str) -> None:
+    """Raise a ValueError, naming the input size and what is accepted, unless ``x`` is an image
+    batch (:func:`check_image_batch`) whose every routed stage's map (``ceil(H / (4 * 2**i))`` at
+    stage ``i``) can be cut into ``n_win x n_win`` regions: divisible by ``n_win`` without
+    ``auto_pad``, at least ``n_win`` per side (a pixel per region) with it. Skipped while torch.fx
+    traces the model (shapes are symbolic then)."""
+    check_image_batch(x, in_chans, model_name)
+    if is_fx_symbolic_tracing():
+        return
+    H, W = x.shape[-2:]
+    routed = [i for i, topk in enumerate(topks) if topk > 0]
+    last_stride = 4 * 2 ** routed[-1] if routed else 0
+    for i in routed:
+        stride = 4 * 2 ** i
+        h, w = -(-H // stride), -(-W // stride)  # the stem's and downsamplers' stride-2 convs round up
+        where = f"{model_name}: a {H}x{W} input gives a {h}x{w} map at stage {i + 1} (stride {stride})"
+        if not auto_pad and (h % n_win or w % n_win):
+            raise ValueError(f"{where}, which n_win={n_win} does not divide; expected an input whose stage 1-"
+                             f"{routed[-1] + 1} maps n_win divides, e.g. a multiple of {last_stride * n_win} per "
+                             f"side (or auto_pad=True)")
+        if h < n_win or w < n_win:
+            smallest = (n_win - 1) * last_stride + 1
+            raise ValueError(f"{where}, smaller than its {n_win}x{n_win} routing regions (a pixel each); "
+                             f"expected an input of at least {smallest} pixels per side")
 
 
 class BiFormer(nn.Module):
@@ -118,6 +150,7 @@ class BiFormer(nn.Module):
         if not auto_pad and any(s % (16 * n_win) for s in sizes):
             raise ValueError(f"img_size {sizes} must be a multiple of 16 * n_win = {16 * n_win} (or set auto_pad=True)")
         self.num_classes, self.in_chans = num_classes, in_chans
+        self.n_win, self.topks, self.auto_pad = n_win, list(topks), auto_pad
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
                                         mlp_ratios, side_dwconv, drop_path_rate, auto_pad)
@@ -162,7 +195,7 @@ class BiFormer(nn.Module):
         ``forward_features`` output unless ``intermediates_only``."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_batch(x, self.in_chans, "BiFormer")
+        check_biformer_input(x, self.in_chans, self.n_win, self.topks, self.auto_pad, "BiFormer")
         last = len(self.stages) - 1
         x, intermediates, reached_end = trunk_intermediates(
             x, self.stem, self.stages, indices, stop_early,
@@ -184,7 +217,7 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, "BiFormer")
+        check_biformer_input(x, self.in_chans, self.n_win, self.topks, self.auto_pad, "BiFormer")
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -204,13 +237,14 @@ class BiFormerDenseBackbone(nn.Module):
                  side_dwconv: int = 5, auto_pad: bool = True, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
         self.in_chans = in_chans
+        self.n_win, self.topks, self.auto_pad = n_win, list(topks), auto_pad
         self.stem, self.stages = _trunk(in_chans, depths, embed_dims, qk_dims or embed_dims, head_dim, n_win, topks,
                                         mlp_ratios, side_dwconv, drop_path_rate, auto_pad)
         self.extra_norms = nn.ModuleList([LayerNorm2d(c, eps=1e-6) for c in embed_dims])
         self.apply(init_transformer_weights)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        check_image_batch(x, self.in_chans, "BiFormerDenseBackbone")
+        check_biformer_input(x, self.in_chans, self.n_win, self.topks, self.auto_pad, "BiFormerDenseBackbone")
         x = self.stem(x)
         outs = []
         for stage, norm in zip(self.stages, self.extra_norms):
