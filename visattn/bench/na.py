@@ -132,8 +132,10 @@ def _runners(shape: NAShape, qkv: torch.Tensor, rpb: torch.Tensor, backward: boo
     except ImportError:
         pass
     else:
+        # Without libnatten (a build without its CUDA kernels) natten runs on its flex backend, which
+        # natten >= 0.20 compiles only once allowed (its default refuses: no backend is found).
+        natten.allow_flex_compile(True, backprop=True)
         runners["natten no-rpb"] = (
-            # Without libnatten (no CUDA build here) natten runs on its flex backend; compile it as for flex.
             lambda: natten.na2d(*leaf_qkv.unbind(3), kernel_size=k, dilation=d, stride=s, torch_compile=True), [leaf_qkv]
         )
     runners["sdpa dense"] = (lambda: F.scaled_dot_product_attention(fq, fk, fv), heads_first)
