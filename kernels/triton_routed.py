@@ -15,11 +15,12 @@ concatenated sequence, each row gathered from its own region.
 * Backward, query-centric: the same walk recomputes P, accumulates dQ in registers and writes
   ``delta = rowsum(dO * O)``.
 * Backward, key-centric: the routing is inverted into a CSR list (for each key region, the query
-  regions that routed to it; one counting-sort launch, :func:`_invert_routing`); a program owns ``BLOCK_K2`` keys of one region and walks
-  the ``count * Tq`` queries of those regions in packed steps of ``BLOCK_Q2`` (query ``e`` is
-  token ``e % Tq`` of the list's region ``e // Tq``), accumulating dK and dV in registers: no
-  atomics. Its launch (step length, warps, stages) is tuned on the GPU per shape class
-  (:func:`_dkdv_candidates`): uneven routing makes one key region's walk the kernel's critical path.
+  regions that routed to it; one counting-sort launch, :func:`_invert_routing`); a program owns
+  ``BLOCK_K2`` keys of one region and walks the ``count * Tq`` queries of those regions in packed
+  steps of ``BLOCK_Q2`` (query ``e`` is token ``e % Tq`` of the list's region ``e // Tq``),
+  accumulating dK and dV in registers: no atomics. Its launch (step length, warps, stages) is
+  tuned on the GPU per shape class (:func:`_dkdv_candidates`): uneven routing makes one key
+  region's walk the kernel's critical path.
 
 A region routed twice by one query region appears twice in both walks, so its tokens count twice,
 as in the reference's concatenation.
