@@ -1,8 +1,9 @@
 """The Triton NA backend against the reference (on CPU through TRITON_INTERPRET=1, see conftest.py).
 
 Forward and backward (q, k, v and rpb gradients) on ragged sizes for 1-D, 2-D and 3-D calls, with
-dilation (to 32), stride, per-axis parameters (kernels to 13), even kernels, both key-row step sizes and both reductions of
-the rpb gradient; strided views; the torch.compile path; unsupported calls.
+dilation (to 32), stride, per-axis parameters (kernels to 13), even kernels, custom scales, both
+key-row step sizes and both reductions of the rpb gradient; strided views; the torch.compile path;
+unsupported calls.
 """
 import pytest
 import torch
