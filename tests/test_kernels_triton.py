@@ -44,10 +44,19 @@ def _inputs(spatial, kernel, head_dim, with_rpb, dtype=torch.float32, heads=2, b
     return q, k, v, rpb
 
 
-def _fwd_bwd(fn, q, k, v, rpb, grad, backend, *args):
+def _fwd_bwd(fn, q, k, v, rpb, grad, backend, *args, **kwargs):
     inputs = [q, k, v] + ([rpb] if rpb is not None else [])
-    out = fn(q, k, v, *args, rpb=rpb, backend=backend)
+    out = fn(q, k, v, *args, rpb=rpb, backend=backend, **kwargs)
     return [out] + list(torch.autograd.grad(out, inputs, grad))
+
+
+def _assert_triton_matches_reference(fn, q, k, v, rpb, *args, **kwargs):
+    """The triton backend's output and q / k / v / rpb gradients equal the reference's (fp32)."""
+    grad = torch.randn(q.shape, device=DEVICE)
+    got = _fwd_bwd(fn, q, k, v, rpb, grad, "triton", *args, **kwargs)
+    want = _fwd_bwd(fn, q, k, v, rpb, grad, "reference", *args, **kwargs)
+    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_registered():
@@ -58,11 +67,7 @@ def test_registered():
 def test_forward_backward_match_reference(spatial, kernel, dilation, stride, with_rpb, head_dim):
     fn = FN[len(spatial)]
     q, k, v, rpb = _inputs(spatial, kernel, head_dim, with_rpb)
-    grad = torch.randn(q.shape, device=DEVICE)
-    got = _fwd_bwd(fn, q, k, v, rpb, grad, "triton", kernel, dilation, stride)
-    want = _fwd_bwd(fn, q, k, v, rpb, grad, "reference", kernel, dilation, stride)
-    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    _assert_triton_matches_reference(fn, q, k, v, rpb, kernel, dilation, stride)
 
 
 @pytest.mark.parametrize("spatial, kernel, dilation", [
@@ -74,11 +79,7 @@ def test_largest_kernel_and_dilation(spatial, kernel, dilation):
     interpreter's time grows with the programs, one per tile, head and dilation group."""
     fn = FN[len(spatial)]
     q, k, v, rpb = _inputs(spatial, kernel, 16, True, heads=1, batch=1)
-    grad = torch.randn(q.shape, device=DEVICE)
-    got = _fwd_bwd(fn, q, k, v, rpb, grad, "triton", kernel, dilation)
-    want = _fwd_bwd(fn, q, k, v, rpb, grad, "reference", kernel, dilation)
-    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    _assert_triton_matches_reference(fn, q, k, v, rpb, kernel, dilation)
 
 
 @pytest.mark.parametrize("config", [
@@ -95,11 +96,7 @@ def test_launch_configs_agree(monkeypatch, config, rpb_tile):
     if not rpb_tile:
         monkeypatch.setattr(triton_na, "_RPB_ACC_MAX", 0)
     q, k, v, rpb = _inputs((18, 21), 5, 16, True)
-    grad = torch.randn(q.shape, device=DEVICE)
-    got = _fwd_bwd(na2d, q, k, v, rpb, grad, "triton", 5, (2, 1), (1, 2))
-    want = _fwd_bwd(na2d, q, k, v, rpb, grad, "reference", 5, (2, 1), (1, 2))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+    _assert_triton_matches_reference(na2d, q, k, v, rpb, 5, (2, 1), (1, 2))
 
 
 def _distinct_candidates():
@@ -126,11 +123,7 @@ def test_every_tuning_candidate_matches_reference(monkeypatch, kind, rank, confi
     monkeypatch.setattr(triton_na, "_CALLS", CallCache())
     spatial, kernel, dilation, stride = _CANDIDATE_CASES[rank]
     q, k, v, rpb = _inputs(spatial, kernel, 16, True)
-    grad = torch.randn(q.shape, device=DEVICE)
-    got = _fwd_bwd(FN[rank], q, k, v, rpb, grad, "triton", kernel, dilation, stride)
-    want = _fwd_bwd(FN[rank], q, k, v, rpb, grad, "reference", kernel, dilation, stride)
-    for name, g, w in zip(["out", "dq", "dk", "dv", "drpb"], got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    _assert_triton_matches_reference(FN[rank], q, k, v, rpb, kernel, dilation, stride)
 
 
 @pytest.mark.parametrize("length, kernel, dilation, stride, tile", [
@@ -292,13 +285,7 @@ def test_unsupported_calls_raise():
 
 def test_custom_scale():
     q, k, v, rpb = _inputs((9, 10), 3, 16, True)
-    grad = torch.randn(q.shape, device=DEVICE)
-    got = [na2d(q, k, v, 3, rpb=rpb, scale=2.0, backend="triton")]
-    got += torch.autograd.grad(got[0], (q, k, v, rpb), grad)
-    want = [na2d(q, k, v, 3, rpb=rpb, scale=2.0, backend="reference")]
-    want += torch.autograd.grad(want[0], (q, k, v, rpb), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+    _assert_triton_matches_reference(na2d, q, k, v, rpb, 3, scale=2.0)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the interpreter's refusal of CPU bf16")
