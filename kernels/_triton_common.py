@@ -28,18 +28,25 @@ def interpreting() -> bool:
 
 def unsupported_reason(q: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot run an attention call on ``q`` / ``v``, or ``None`` when they can."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if v.shape[-1] != q.shape[-1]:
-        return f"v head_dim {v.shape[-1]} != q head_dim {q.shape[-1]}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if q.shape[0] * q.shape[-2] > MAX_GRID_YZ:
+    return unsupported_reason_for(q.dtype, q.device, q.shape[0] * q.shape[-2], q.shape[-1], v.shape[-1])
+
+
+def unsupported_reason_for(dtype: torch.dtype, device: torch.device, batch_heads: int, head_dim: int,
+                           v_head_dim: int) -> Optional[str]:
+    """:func:`unsupported_reason` of a call described by its ``q`` dtype and device, batch x heads
+    and the head dims of ``q`` and ``v`` (for callers deciding before the tensors exist)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} (supported: float16, bfloat16, float32)"
+    if v_head_dim != head_dim:
+        return f"v head_dim {v_head_dim} != q head_dim {head_dim}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+    if batch_heads > MAX_GRID_YZ:
         # The kernels put (batch, head) on grid axis 1, which CUDA caps.
-        return f"batch x heads = {q.shape[0] * q.shape[-2]} > {MAX_GRID_YZ} (CUDA's limit on grid axis 1)"
-    if not q.is_cuda and not interpreting():
-        return f"{q.device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
-    if not q.is_cuda and q.dtype == torch.bfloat16:
+        return f"batch x heads = {batch_heads} > {MAX_GRID_YZ} (CUDA's limit on grid axis 1)"
+    if device.type != "cuda" and not interpreting():
+        return f"{device} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    if device.type != "cuda" and dtype == torch.bfloat16:
         # The CPU interpreter's bf16 matrix products are wrong (errors of ~1e9 relative), not slow.
         return "bfloat16 CPU tensors under TRITON_INTERPRET=1 (its bfloat16 arithmetic is wrong; use float16 / float32)"
     return None

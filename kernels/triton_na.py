@@ -821,13 +821,21 @@ class _NATritonPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, rpb, out, lse = ctx.saved_tensors
-        grad_qkv = torch.empty_like(qkv)
-        if grad_qkv.stride() == qkv.stride():
-            _, _, _, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, ctx.params, grad_qkv)
-        else:  # a layout empty_like cannot reproduce (overlapping or gapped views)
-            dq, dk, dv, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, ctx.params)
-            grad_qkv = torch.stack((dq, dk, dv), dim=-3)
+        grad_qkv, drpb = na_packed_backward(grad_out, qkv, rpb, out, lse, ctx.params)
         return grad_qkv, drpb, None
+
+
+def na_packed_backward(grad_out: torch.Tensor, qkv: torch.Tensor, rpb: Optional[torch.Tensor], out: torch.Tensor,
+                       lse: torch.Tensor, params: NAParams) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`na_backward` for a packed ``[B, *spatial, 3, heads, D]`` qkv whose slices were the
+    forward's q, k, v: ``(grad_qkv, drpb)``, the kernels writing ``grad_qkv`` in qkv's layout."""
+    grad_qkv = torch.empty_like(qkv)
+    if grad_qkv.stride() == qkv.stride():
+        _, _, _, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, params, grad_qkv)
+    else:  # a layout empty_like cannot reproduce (overlapping or gapped views)
+        dq, dk, dv, drpb = na_backward(grad_out, *qkv.unbind(-3), rpb, out, lse, params)
+        grad_qkv = torch.stack((dq, dk, dv), dim=-3)
+    return grad_qkv, drpb
 
 
 def na_triton_packed(qkv: torch.Tensor, params: NAParams, rpb: Optional[torch.Tensor]) -> torch.Tensor:

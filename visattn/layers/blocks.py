@@ -1,11 +1,16 @@
 """Transformer blocks shared by the attention families."""
 
-from typing import Optional, Type
+import os
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp
 
+from visattn.kernels.layer_norm import triton_supports
+from visattn.layers.fused_block import (Tape, fused_block_apply, layer_norm_backward, layer_norm_forward,
+                                        mlp_backward, mlp_forward, mlp_supported, residual_backward,
+                                        residual_forward)
 from visattn.layers.norm import LayerNorm
 
 
@@ -21,7 +26,19 @@ class NHWCTransformerBlock(nn.Module):
     the autocast dtype under autocast: for ``attn`` / ``mlp`` whose every use of their input goes
     through ops autocast casts to that dtype anyway (a Linear or Conv, after exact pads / reshapes),
     which then see the same values, without an fp32 copy of the normed map and its cast.
+
+    Fused path: when ``attn`` implements ``fused_supported`` / ``fused_forward`` /
+    ``fused_backward`` / ``fused_parameters`` (:class:`~visattn.layers.NeighborhoodAttention2d` on
+    its Triton backend), the norms run on the Triton LayerNorm, the MLP is timm's ``Mlp`` with a
+    GELU and the layer scales and drop paths are timm's, the eager forward runs the block as one
+    autograd node with a hand-written backward (:mod:`visattn.layers.fused_block`): the same kernels
+    for a fraction of the host time. ``fused = False`` (on the class or an instance) or the
+    environment variable ``VISATTN_FUSED_BLOCKS=0`` turns it off; TorchScript, ``torch.fx`` and
+    ``torch.compile`` always see the modular forward. Hooks on the submodules do not run on the
+    fused path.
     """
+
+    fused: bool = True
 
     def __init__(
         self,
@@ -56,4 +73,63 @@ class NHWCTransformerBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.residual_branches(x)
+        return self._forward_eager(x)
+
+    @torch.jit.ignore
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_path_taken(x):
+            return fused_block_apply(self, x)
         return self.residual_branches(x)
+
+    @torch.jit.ignore
+    def fused_path_taken(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs as one autograd node (see the class docstring)."""
+        if not (self.fused and isinstance(x, torch.Tensor) and os.environ.get("VISATTN_FUSED_BLOCKS", "1") != "0"
+                and os.environ.get("VISATTN_LAYER_NORM") != "torch"):
+            return False  # off, or traced by torch.fx (x is a Proxy)
+        if torch.compiler.is_compiling() or not hasattr(self.attn, "fused_forward"):
+            return False
+        norms_ok = all(type(n) is LayerNorm and len(n.normalized_shape) == 1 and triton_supports(x, n.normalized_shape[0])
+                       for n in (self.norm1, self.norm2))
+        scales_ok = all(isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)
+                        for ls in (self.ls1, self.ls2))
+        drops_ok = all(isinstance(dp, (nn.Identity, DropPath)) for dp in (self.drop_path1, self.drop_path2))
+        return norms_ok and scales_ok and drops_ok and mlp_supported(self.mlp) and self.attn.fused_supported(x)
+
+    @staticmethod
+    def _residual_args(ls: nn.Module, drop_path: nn.Module) -> Tuple[Optional[torch.Tensor], float, bool]:
+        gamma = ls.gamma if isinstance(ls, LayerScale) else None
+        if isinstance(drop_path, DropPath) and drop_path.training:
+            return gamma, drop_path.drop_prob, drop_path.scale_by_keep
+        return gamma, 0.0, True
+
+    @torch.jit.ignore
+    def fused_parameters(self) -> tuple:
+        """The tensors :meth:`fused_backward` returns gradients for, in its order."""
+        gammas = [ls.gamma if isinstance(ls, LayerScale) else None for ls in (self.ls1, self.ls2)]
+        mlp = self.mlp
+        return (self.norm1.weight, self.norm1.bias, *self.attn.fused_parameters(), gammas[0],
+                self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                gammas[1])
+
+    @torch.jit.ignore
+    def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`residual_branches` without autograd, saving what :meth:`fused_backward` needs."""
+        n1, n2 = self.norm1, self.norm2
+        h = layer_norm_forward(tape, x, n1.weight, n1.bias, n1.eps, n1.autocast_output)
+        x = residual_forward(tape, x, self.attn.fused_forward(tape, h), *self._residual_args(self.ls1, self.drop_path1))
+        h = layer_norm_forward(tape, x, n2.weight, n2.bias, n2.eps, n2.autocast_output)
+        return residual_forward(tape, x, mlp_forward(tape, self.mlp, h), *self._residual_args(self.ls2, self.drop_path2))
+
+    @torch.jit.ignore
+    def fused_backward(self, tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+        """``(grad_x, gradients of fused_parameters())`` from the output's gradient."""
+        grad_x, grad_m, d_gamma2 = residual_backward(tape, grad)
+        grad_h, mlp_grads = mlp_backward(tape, grad_m)
+        grad_x, d_n2w, d_n2b = layer_norm_backward(tape, grad_h, grad_x)
+        grad_x, grad_a, d_gamma1 = residual_backward(tape, grad_x)
+        grad_h, attn_grads = self.attn.fused_backward(tape, grad_a)
+        grad_x, d_n1w, d_n1b = layer_norm_backward(tape, grad_h, grad_x)
+        return grad_x, (d_n1w, d_n1b, *attn_grads, d_gamma1, d_n2w, d_n2b, *mlp_grads, d_gamma2)

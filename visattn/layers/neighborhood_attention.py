@@ -8,6 +8,12 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visattn.kernels import na2d_qkv
+from visattn.layers.fused_block import Tape, linear_backward, linear_forward, na_qkv_backward, na_qkv_forward
+
+try:
+    from visattn.kernels._triton_common import unsupported_reason_for
+except ImportError:  # triton ships with torch's Linux builds only
+    unsupported_reason_for = None
 
 
 @register_notrace_module  # shape-dependent padding: torch.fx treats the module as a leaf
@@ -20,6 +26,10 @@ class NeighborhoodAttention2d(nn.Module):
     right/bottom before ``qkv`` and cropped before ``proj``.
 
     Input and output: ``[B, H, W, dim]``.
+
+    On the Triton backend it also implements the fused-block protocol of
+    :class:`~visattn.layers.NHWCTransformerBlock` (``fused_*``): qkv, the op and proj with a
+    hand-written backward.
     """
 
     def __init__(
@@ -76,3 +86,36 @@ class NeighborhoodAttention2d(nn.Module):
         x = self._attend(self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim))
         x = x[:, :H, :W].reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.ignore
+    def fused_supported(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_forward` can compute ``self(x)``: the Triton backend would run it
+        (``"triton"``, or ``"auto"`` on CUDA) and no padding is needed."""
+        if unsupported_reason_for is None or self.backend not in ("auto", "triton") or x.dim() != 4:
+            return False
+        if self.proj_drop.p > 0.0 and self.proj_drop.training:
+            return False
+        if self.backend == "auto" and not x.is_cuda:
+            return False
+        if any(size < k * d for size, k, d in zip(x.shape[1:3], self.kernel_size, self.dilation)):
+            return False
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return unsupported_reason_for(dtype, x.device, x.shape[0] * self.num_heads, self.head_dim, self.head_dim) is None
+
+    @torch.jit.ignore
+    def fused_parameters(self) -> tuple:
+        return self.qkv.weight, self.qkv.bias, self.rpb, self.proj.weight, self.proj.bias
+
+    @torch.jit.ignore
+    def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = linear_forward(tape, x, self.qkv.weight, self.qkv.bias).view(B, H, W, 3, self.num_heads, self.head_dim)
+        out = na_qkv_forward(tape, qkv, self.kernel_size, self.dilation, self.stride, self.rpb, self.scale)
+        return linear_forward(tape, out.view(B, H, W, C), self.proj.weight, self.proj.bias)
+
+    @torch.jit.ignore
+    def fused_backward(self, tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+        grad, d_proj_w, d_proj_b = linear_backward(tape, grad)
+        grad_qkv, d_rpb = na_qkv_backward(tape, grad.view(*grad.shape[:-1], self.num_heads, self.head_dim))
+        grad_x, d_qkv_w, d_qkv_b = linear_backward(tape, grad_qkv.view(*grad_qkv.shape[:3], -1))
+        return grad_x, (d_qkv_w, d_qkv_b, d_rpb, d_proj_w, d_proj_b)

@@ -1,0 +1,159 @@
+"""The fused transformer block (visattn.layers.fused_block): one autograd node with a hand-written
+backward must give the modular block's output and gradients (CPU, Triton NA and LayerNorm in the
+interpreter), take the fused path only where it computes the same function, and leave TorchScript,
+torch.fx, grad checkpointing and the LayerNorm backward's residual input right."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Mlp
+
+from visattn.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+from visattn.layers import NeighborhoodAttention2d, NHWCTransformerBlock
+
+
+
+def _block(layer_scale=None, drop_path=0.0, backend="triton", kernel_size=3, dilation=2, **kwargs):
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2d(32, 2, kernel_size, dilation=dilation, backend=backend)
+    return NHWCTransformerBlock(32, attn, mlp_ratio=3.0, layer_scale=layer_scale, drop_path=drop_path,
+                                autocast_norm_output=True, **kwargs)
+
+
+def _run(block, x, fused, autocast_dtype=None):
+    """Output, input gradient and parameter gradients of one forward / backward."""
+    block.fused = fused
+    torch.manual_seed(1)  # the same drop-path draw on both paths
+    x = x.detach().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+        assert block.fused_path_taken(x) == fused
+        out = block(x)
+    weights = torch.linspace(-1, 1, out.shape[-1])
+    (out.float() * weights).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("layer_scale, drop_path", [(None, 0.0), (0.1, 0.3)], ids=["plain", "scale+droppath"])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 32), (1, 6, 6, 32)], ids=["ragged", "square"])
+def test_fused_matches_modular_fp32(layer_scale, drop_path, shape):
+    block = _block(layer_scale, drop_path).train()
+    x = torch.randn(shape)
+    out_m, gx_m, grads_m = _run(block, x, fused=False)
+    out_f, gx_f, grads_f = _run(block, x, fused=True)
+    assert out_f.dtype == out_m.dtype == torch.float32
+    # The modular block's CPU LayerNorm is F.layer_norm, the fused one's the Triton kernel: fp32 rounding apart.
+    torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_m, rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_m.keys() and len(grads_m) == 13 + (layer_scale is not None) * 2
+    for name, g in grads_m.items():
+        assert grads_f[name] is not None and grads_f[name].dtype == g.dtype, name
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_drop_path_drops_the_same_samples():
+    """At drop rate 0.5 with 4 samples, some rows of the residual branch are dropped: the fused
+    path must drop the same ones (timm's draw, per sample) or its output differs."""
+    block = _block(drop_path=0.5).train()
+    x = torch.randn(4, 6, 6, 32)
+    out_m = _run(block, x, fused=False)[0]
+    out_f = _run(block, x, fused=True)[0]
+    torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
+    block.eval()
+    assert not torch.allclose(_run(block, x, fused=True)[0], out_m)  # the draw mattered
+
+
+def test_fused_matches_modular_under_autocast():
+    """fp16 autocast on the CPU (the interpreter's bf16 is wrong): the fused ops cast as autocast
+    does, so outputs and gradients agree to fp16 rounding and have the modular dtypes."""
+    block = _block(layer_scale=0.5).train()
+    x = torch.randn(2, 7, 6, 32)
+    out_m, gx_m, grads_m = _run(block, x, fused=False, autocast_dtype=torch.float16)
+    out_f, gx_f, grads_f = _run(block, x, fused=True, autocast_dtype=torch.float16)
+    assert out_f.dtype == out_m.dtype == torch.float32
+    torch.testing.assert_close(out_f, out_m, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(gx_f, gx_m, rtol=5e-3, atol=5e-3)
+    for name, g in grads_m.items():
+        assert grads_f[name].dtype == g.dtype == torch.float32, name
+        torch.testing.assert_close(grads_f[name], g, rtol=2e-2, atol=2e-2 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("case", ["off", "reference backend", "padding", "proj dropout", "mlp dropout",
+                                  "other mlp", "inplace layer scale", "env"])
+def test_fused_path_only_where_it_computes_the_same(case, monkeypatch):
+    assert _block().fused_path_taken(torch.randn(1, 8, 8, 32))
+    kwargs, size = {}, 8
+    if case == "mlp dropout":
+        kwargs["proj_drop"] = 0.1
+    block = _block(**kwargs).train()
+    if case == "off":
+        block.fused = False
+    elif case == "reference backend":
+        block.attn.backend = "reference"
+    elif case == "padding":
+        size = 5  # < kernel 3 x dilation 2: the module pads, the fused path does not
+    elif case == "proj dropout":
+        block.attn.proj_drop = nn.Dropout(0.1)
+    elif case == "other mlp":
+        block.mlp = Mlp(32, 96, act_layer=nn.ReLU)
+    elif case == "inplace layer scale":
+        block = _block(layer_scale=0.1)
+        block.ls1.inplace = True
+    elif case == "env":
+        monkeypatch.setenv("VISATTN_FUSED_BLOCKS", "0")
+    x = torch.randn(1, size, size, 32)
+    assert not block.fused_path_taken(x)
+    block(x).sum().backward()  # the modular path still runs
+
+
+def test_dropout_off_in_eval_allows_fused():
+    block = _block(proj_drop=0.1).eval()
+    assert block.fused_path_taken(torch.randn(1, 8, 8, 32))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_script_and_fx_take_the_modular_path():
+    from timm.models import get_notrace_modules
+
+    class Tracer(torch.fx.Tracer):  # timm's leaves (the attention and norm modules), as its fx helpers use
+        def is_leaf_module(self, m, name):
+            return type(m) in get_notrace_modules() or super().is_leaf_module(m, name)
+
+    block = _block().eval()
+    x = torch.randn(1, 8, 8, 32)
+    assert block.fused_path_taken(x)
+    with torch.no_grad():
+        expected = block(x)
+        torch.testing.assert_close(torch.jit.script(block)(x), expected, rtol=1e-5, atol=1e-5)
+        graph = Tracer().trace(block)
+        assert [n.target for n in graph.nodes if n.op == "call_module"][:2] == ["norm1", "attn"]
+        torch.testing.assert_close(torch.fx.GraphModule(block, graph)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_grad_checkpointing_with_fused_blocks(use_reentrant):
+    """torch.utils.checkpoint (timm's checkpoint_seq) around a fused block: the recomputed forward
+    saves and reads its tensors through the checkpoint's hooks, the gradients are unchanged."""
+    block = _block(layer_scale=0.1).train()
+    x = torch.randn(2, 6, 7, 32)
+    expected = _run(block, x, fused=True)
+    x = x.detach().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    torch.testing.assert_close(out.detach(), expected[0])
+    torch.testing.assert_close(x.grad, expected[1])
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad, expected[2][name], msg=name)
+
+
+def test_layer_norm_backward_adds_the_residual_gradient():
+    torch.manual_seed(0)
+    x, dy, res = torch.randn(37, 60), torch.randn(37, 60), torch.randn(37, 60)
+    w, b = torch.randn(60), torch.randn(60)
+    _, rows, stats = layer_norm_forward(x, w, b, 1e-5, torch.float32)
+    dx, dw, db = layer_norm_backward(dy, rows, w, stats, x.shape, b.dtype)
+    dx_r, dw_r, db_r = layer_norm_backward(dy, rows, w, stats, x.shape, b.dtype, grad_residual=res)
+    torch.testing.assert_close(dx_r, dx + res)
+    torch.testing.assert_close((dw_r, db_r), (dw, db))
+    with pytest.raises(ValueError, match="grad_residual must be a contiguous"):
+        layer_norm_backward(dy, rows, w, stats, x.shape, b.dtype, grad_residual=res.t().contiguous().t())
