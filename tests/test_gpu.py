@@ -58,6 +58,36 @@ def test_training_step_bf16_autocast():
     opt.step()
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_blocks_match_modular_training_on_cuda(autocast):
+    """DiNAT-T in training mode (drop path on): the fused blocks (one autograd node each) give the
+    modular blocks' loss and parameter gradients, with the same drop-path draws."""
+    from visattn.layers import NHWCTransformerBlock
+
+    torch.manual_seed(0)
+    model = timm.create_model("visattn_dinat_t", num_classes=10).cuda().train()
+    blocks = [m for m in model.modules() if isinstance(m, NHWCTransformerBlock)]
+    x, y = torch.randn(4, 3, 224, 224, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+    results = []
+    for fused in (False, True):
+        for b in blocks:
+            b.fused = fused
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    assert all(b.fused_path_taken(torch.empty(1, 14, 14, b.norm1.normalized_shape[0], device="cuda"))
+               for b in blocks if b.attn.dilation[0] * 7 <= 14)
+    (loss_m, grads_m), (loss_f, grads_f) = results
+    tol = 2e-2 if autocast else 1e-4
+    assert abs(loss_f - loss_m) <= tol * abs(loss_m)
+    for name, g in grads_m.items():
+        err = (grads_f[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)
+        assert grads_f[name].dtype == g.dtype and err < tol, (name, err.item())
+
+
 # --- Triton neighborhood attention at model sizes, every dtype (issue 4) ---------------------
 
 NA_GPU_CASES = [

@@ -23,16 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from visattn.bench.common import capture_graph, device_name, format_table, require_cuda, warm_up, write_json
-from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d
+from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d, NHWCTransformerBlock
 
 # Layers whose op backend ``name@backend`` selects.
 _BACKEND_LAYERS = (NeighborhoodAttention2d, BiLevelRoutingAttention)
-DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@reference", "swin_tiny_patch4_window7_224"]
+DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@triton:modular", "visattn_dinat_t@reference",
+                  "swin_tiny_patch4_window7_224"]
 
 
 def build(spec: str) -> torch.nn.Module:
-    """``name`` or ``name@backend``: a timm model, its neighborhood / routed attention on ``backend``."""
-    name, _, backend = spec.partition("@")
+    """``name[@backend][:modular]``: a timm model, its neighborhood / routed attention on
+    ``backend``; ``:modular`` turns visattn's fused blocks off (each op its own autograd node)."""
+    base, _, variant = spec.partition(":")
+    if variant not in ("", "modular"):
+        raise SystemExit(f"unknown model variant ':{variant}' in {spec!r}; expected ':modular' or none")
+    name, _, backend = base.partition("@")
     model = timm.create_model(name, num_classes=1000)
     if backend:
         layers = [m for m in model.modules() if isinstance(m, _BACKEND_LAYERS)]
@@ -40,6 +45,12 @@ def build(spec: str) -> torch.nn.Module:
             raise SystemExit(f"{name} has no neighborhood or routed attention, so '@{backend}' means nothing")
         for layer in layers:
             layer.backend = backend
+    if variant == "modular":
+        blocks = [m for m in model.modules() if isinstance(m, NHWCTransformerBlock)]
+        if not blocks:
+            raise SystemExit(f"{name} has no visattn transformer blocks, so ':modular' means nothing")
+        for block in blocks:
+            block.fused = False
     return model.cuda().train()
 
 
@@ -138,8 +149,8 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME[@BACKEND]",
-                        help=f"timm names, optionally @triton / @reference / @gather (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME[@BACKEND][:modular]",
+                        help=f"timm names, optionally @triton / @reference / @gather, and :modular for visattn blocks without fusion (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--optimizer", default="fused", choices=OPTIMIZERS, help="AdamW implementation (default: fused)")
