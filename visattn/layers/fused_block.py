@@ -36,7 +36,7 @@ except ImportError:  # triton ships with torch's Linux builds only; the blocks t
 
 __all__ = ["Tape", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
            "layer_norm_backward", "gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
-           "mlp_forward", "mlp_backward", "na_qkv_forward", "na_qkv_backward"]
+           "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward"]
 
 
 class Tape:
@@ -176,16 +176,19 @@ def mlp_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
     return g, (d_w1, d_b1, d_w2, d_b2)
 
 
+def dropout_inactive(drop: torch.nn.Module) -> bool:
+    """Whether ``drop`` (an ``Identity`` or ``Dropout``) leaves its input as it is: the fused ops
+    have no dropout."""
+    return isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout)
+                                                   and (drop.p == 0.0 or not drop.training))
+
+
 def mlp_supported(mlp: torch.nn.Module) -> bool:
     """Whether :func:`mlp_forward` computes ``mlp``'s forward: a timm ``Mlp`` with a GELU, no norm
     and no dropout that is active."""
-    def inactive(drop: torch.nn.Module) -> bool:
-        return isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout)
-                                                       and (drop.p == 0.0 or not drop.training))
-
     return (type(mlp) is Mlp and type(mlp.act) is torch.nn.GELU and isinstance(mlp.norm, torch.nn.Identity)
             and isinstance(mlp.fc1, torch.nn.Linear) and isinstance(mlp.fc2, torch.nn.Linear)
-            and inactive(mlp.drop1) and inactive(mlp.drop2))
+            and dropout_inactive(mlp.drop1) and dropout_inactive(mlp.drop2))
 
 
 def na_qkv_forward(tape: Tape, qkv: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple, stride: IntOrTuple,
@@ -231,4 +234,3 @@ def fused_block_apply(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     device_type = x.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     return _FusedBlock.apply(block, compute_dtype, x, *block.fused_parameters())
-

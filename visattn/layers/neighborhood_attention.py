@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visattn.kernels import na2d_qkv
-from visattn.layers.fused_block import Tape, linear_backward, linear_forward, na_qkv_backward, na_qkv_forward
+from visattn.layers.fused_block import (Tape, dropout_inactive, linear_backward, linear_forward, na_qkv_backward,
+                                        na_qkv_forward)
 
 try:
     from visattn.kernels._triton_common import unsupported_reason_for
@@ -93,7 +94,7 @@ class NeighborhoodAttention2d(nn.Module):
         (``"triton"``, or ``"auto"`` on CUDA) and no padding is needed."""
         if unsupported_reason_for is None or self.backend not in ("auto", "triton") or x.dim() != 4:
             return False
-        if self.proj_drop.p > 0.0 and self.proj_drop.training:
+        if not dropout_inactive(self.proj_drop):
             return False
         if self.backend == "auto" and not x.is_cuda:
             return False
