@@ -88,42 +88,61 @@ def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return _DepthwiseConvFunction.apply(x, weight, bias, residual, conv_dtype, out_dtype)
 
 
+def depthwise_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           residual: Optional[torch.Tensor], conv_dtype: torch.dtype,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """The Triton forward of :func:`depthwise_conv2d_nhwc` (arguments checked, ``weight``
+    contiguous, autocast resolved into ``conv_dtype`` / ``out_dtype``): ``[B, H, W, C]``."""
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    res = residual if residual is not None else out
+    key = ("fwd", x.shape, x.stride(), res.stride(), tuple(weight.shape[2:]), bias is not None,
+           residual is not None, conv_dtype, x.device)
+    _CALLS.get(key, lambda: _conv_call(x, res, out, tuple(weight.shape[2:]), bias is not None,
+                                       residual is not None, conv_dtype))(
+        x, weight, bias if bias is not None else weight, res, out)
+    return out
+
+
+def depthwise_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                            conv_dtype: torch.dtype, residual_dtype: Optional[torch.dtype],
+                            needs: Tuple[bool, bool, bool, bool] = (True, True, True, True)
+                            ) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(grad_x, grad_weight, grad_bias, grad_residual)`` of :func:`depthwise_conv_forward`, each
+    in its input's dtype; ``needs`` says which to compute (``None`` for the others, and for the
+    bias and residual gradients of calls without them)."""
+    C, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+    need_x, need_w, need_b, need_res = needs
+    need_b = need_b and has_bias
+    dx = dw = db = dres = None
+    if need_x or need_w or need_b:
+        # In the conv dtype, as autocast's conv would run it (its add hands the conv output's
+        # gradient down rounded to that dtype), on the NCHW views of the channels-last maps.
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out.to(conv_dtype).permute(0, 3, 1, 2), x.to(conv_dtype).permute(0, 3, 1, 2),
+            weight.to(conv_dtype), [C] if has_bias else None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C,
+            [need_x, need_w, need_b])
+        dx = gx.permute(0, 2, 3, 1).to(x.dtype) if need_x else None
+        dw = gw.to(weight.dtype) if need_w else None
+        db = gb.to(weight.dtype) if need_b else None
+    if need_res and residual_dtype is not None:
+        dres = grad_out if grad_out.dtype == residual_dtype else grad_out.to(residual_dtype)
+    return dx, dw, db, dres
+
+
 class _DepthwiseConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, conv_dtype, out_dtype):
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        res = residual if residual is not None else out
-        key = ("fwd", x.shape, x.stride(), res.stride(), tuple(weight.shape[2:]), bias is not None,
-               residual is not None, conv_dtype, x.device)
-        _CALLS.get(key, lambda: _conv_call(x, res, out, tuple(weight.shape[2:]), bias is not None,
-                                           residual is not None, conv_dtype))(
-            x, weight, bias if bias is not None else weight, res, out)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.conv_dtype = bias is not None, conv_dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
-        return out
+        return depthwise_conv_forward(x, weight, bias, residual, conv_dtype, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        C, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
-        need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
-        need_b = need_b and ctx.has_bias
-        dx = dw = db = dres = None
-        if need_x or need_w or need_b:
-            # In the conv dtype, as autocast's conv would run it (its add hands the conv output's
-            # gradient down rounded to that dtype), on the NCHW views of the channels-last maps.
-            dtype = ctx.conv_dtype
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad_out.to(dtype).permute(0, 3, 1, 2), x.to(dtype).permute(0, 3, 1, 2), weight.to(dtype),
-                [C] if ctx.has_bias else None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], C,
-                [need_x, need_w, need_b])
-            dx = gx.permute(0, 2, 3, 1).to(x.dtype) if need_x else None
-            dw = gw.to(weight.dtype) if need_w else None
-            db = gb.to(weight.dtype) if need_b else None
-        if need_res:
-            dres = grad_out if grad_out.dtype == ctx.residual_dtype else grad_out.to(ctx.residual_dtype)
-        return dx, dw, db, dres, None, None
+        grads = depthwise_conv_backward(grad_out, x, weight, ctx.has_bias, ctx.conv_dtype, ctx.residual_dtype,
+                                        tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None)
 
 
 def _tiles(C: int) -> Tuple[int, int]:

@@ -83,7 +83,7 @@ def test_biformer_block_matches_conv_path(monkeypatch):
     want = block(x)
     (want_grad,) = torch.autograd.grad(want.sum(), x)
     on_triton = lambda x, weight, bias, residual, backend: dw.depthwise_conv2d_nhwc(x, weight, bias, residual, "triton")
-    monkeypatch.setattr("visattn.models.biformer.depthwise_conv2d_nhwc", on_triton)
+    monkeypatch.setattr("visattn.layers.blocks.depthwise_conv2d_nhwc", on_triton)
     monkeypatch.setattr("visattn.layers.routed_attention.depthwise_conv2d_nhwc", on_triton)
     got = block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

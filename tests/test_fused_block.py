@@ -8,8 +8,8 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from visattn.kernels.layer_norm import layer_norm_backward, layer_norm_forward
-from visattn.layers import NeighborhoodAttention2d, NHWCTransformerBlock
-
+from visattn.layers import AttentionLePE, BiLevelRoutingAttention, NeighborhoodAttention2d, NHWCTransformerBlock
+from visattn.models.biformer import BiFormerBlock
 
 
 def _block(layer_scale=None, drop_path=0.0, backend="triton", kernel_size=3, dilation=2, **kwargs):
@@ -19,14 +19,15 @@ def _block(layer_scale=None, drop_path=0.0, backend="triton", kernel_size=3, dil
                                 autocast_norm_output=True, **kwargs)
 
 
-def _run(block, x, fused, autocast_dtype=None):
-    """Output, input gradient and parameter gradients of one forward / backward."""
+def _run(block, x, fused, autocast_dtype=None, nhwc=True):
+    """Output, input gradient and parameter gradients of one forward / backward (``nhwc``: the
+    block takes ``x`` as it is, else NCHW ``x`` it permutes itself)."""
     block.fused = fused
     torch.manual_seed(1)  # the same drop-path draw on both paths
     x = x.detach().requires_grad_()
     block.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
-        assert block.fused_path_taken(x) == fused
+        assert block.fused_path_taken(x if nhwc else x.permute(0, 2, 3, 1)) == fused
         out = block(x)
     weights = torch.linspace(-1, 1, out.shape[-1])
     (out.float() * weights).sum().backward()
@@ -144,6 +145,70 @@ def test_grad_checkpointing_with_fused_blocks(use_reentrant):
     torch.testing.assert_close(x.grad, expected[1])
     for name, p in block.named_parameters():
         torch.testing.assert_close(p.grad, expected[2][name], msg=name)
+
+
+def _biformer_block(drop_path=0.0, backend="triton", auto_pad=False):
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention(32, 2, n_win=2, qk_dim=32, topk=3, auto_pad=auto_pad, backend=backend)
+    return BiFormerBlock(32, attn, mlp_ratio=3.0, drop_path=drop_path)
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3], ids=["plain", "droppath"])
+@pytest.mark.parametrize("shape", [(2, 32, 6, 10), (1, 32, 8, 8)], ids=["ragged", "square"])
+def test_biformer_fused_matches_modular_fp32(drop_path, shape):
+    """A BiFormer block (position conv, routing, routed attention, LePE, wo, MLP) as one node:
+    3x5-token regions of a 6x10 map, topk 3 of 4 regions, so key regions are shared unevenly."""
+    block = _biformer_block(drop_path).train()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    assert block.fused_path_taken(x.permute(0, 2, 3, 1))
+    out_m, gx_m, grads_m = _run(block, x, fused=False, nhwc=False)
+    out_f, gx_f, grads_f = _run(block, x, fused=True, nhwc=False)
+    assert out_f.shape == x.shape and out_f.dtype == out_m.dtype == torch.float32
+    torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_m, rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_m.keys() and len(grads_m) == 16
+    for name, g in grads_m.items():
+        assert grads_f[name] is not None and grads_f[name].dtype == g.dtype, name
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_biformer_fused_matches_modular_under_autocast():
+    block = _biformer_block(0.2).train()
+    x = torch.randn(2, 32, 6, 10)
+    out_m, gx_m, grads_m = _run(block, x, fused=False, autocast_dtype=torch.float16, nhwc=False)
+    out_f, gx_f, grads_f = _run(block, x, fused=True, autocast_dtype=torch.float16, nhwc=False)
+    assert out_f.dtype == out_m.dtype
+    torch.testing.assert_close(out_f, out_m, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(gx_f, gx_m, rtol=5e-3, atol=5e-3)
+    for name, g in grads_m.items():
+        assert grads_f[name].dtype == g.dtype == torch.float32, name
+        torch.testing.assert_close(grads_f[name], g, rtol=2e-2, atol=2e-2 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("case", ["auto_pad padding", "gather backend", "auto backend on cpu", "global attention",
+                                  "weights in another dtype"])
+def test_biformer_fused_path_only_where_it_computes_the_same(case):
+    block, x = _biformer_block(auto_pad=True), torch.randn(1, 6, 8, 32)
+    assert block.fused_path_taken(x)
+    if case == "auto_pad padding":
+        x = torch.randn(1, 7, 8, 32)  # padded to 8x8 by the module
+    elif case == "gather backend":
+        block.attn.backend = "gather"
+    elif case == "auto backend on cpu":
+        block.attn.backend = "auto"
+    elif case == "global attention":  # stage 4: AttentionLePE has no fused form
+        block.attn = AttentionLePE(32, 2)
+    elif case == "weights in another dtype":
+        block.pos_embed.double()
+    assert not block.fused_path_taken(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_biformer_block_scripts():
+    block = _biformer_block().eval()
+    x = torch.randn(1, 32, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(block)(x), block(x), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_backward_adds_the_residual_gradient():

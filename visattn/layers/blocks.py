@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp
 
+from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.kernels.layer_norm import triton_supports
-from visattn.layers.fused_block import (Tape, fused_block_apply, layer_norm_backward, layer_norm_forward,
-                                        mlp_backward, mlp_forward, mlp_supported, residual_backward,
-                                        residual_forward)
+from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, fused_block_apply,
+                                        layer_norm_backward, layer_norm_forward, mlp_backward, mlp_forward,
+                                        mlp_supported, residual_backward, residual_forward)
 from visattn.layers.norm import LayerNorm
 
 
@@ -18,6 +19,9 @@ class NHWCTransformerBlock(nn.Module):
     """Pre-norm transformer block on channels-last maps ``[B, H, W, C]``:
 
     ``x = x + drop_path(ls1(attn(norm1(x))))``; ``x = x + drop_path(ls2(mlp(norm2(x))))``.
+
+    ``conv_pos_embed`` (a kernel size) first adds a depthwise-conv position embedding,
+    ``x = x + pos_embed(x)`` (BiFormer's; CPVT's conditional position encoding).
 
     ``attn`` is any module mapping ``[B, H, W, C]`` to itself; ``mlp_layer`` builds the MLP as
     ``mlp_layer(dim, hidden, act_layer=..., drop=...)`` (timm's ``Mlp`` by default). ``layer_scale``
@@ -28,8 +32,8 @@ class NHWCTransformerBlock(nn.Module):
     which then see the same values, without an fp32 copy of the normed map and its cast.
 
     Fused path: when ``attn`` implements ``fused_supported`` / ``fused_forward`` /
-    ``fused_backward`` / ``fused_parameters`` (:class:`~visattn.layers.NeighborhoodAttention2d` on
-    its Triton backend), the norms run on the Triton LayerNorm, the MLP is timm's ``Mlp`` with a
+    ``fused_backward`` / ``fused_parameters`` (:class:`~visattn.layers.NeighborhoodAttention2d` and
+    :class:`~visattn.layers.BiLevelRoutingAttention` on their Triton backends), the norms run on the Triton LayerNorm, the MLP is timm's ``Mlp`` with a
     GELU and the layer scales and drop paths are timm's, the eager forward runs the block as one
     autograd node with a hand-written backward (:mod:`visattn.layers.fused_block`): the same kernels
     for a fraction of the host time. ``fused = False`` (on the class or an instance) or the
@@ -52,8 +56,11 @@ class NHWCTransformerBlock(nn.Module):
         norm_layer: Type[nn.Module] = LayerNorm,
         mlp_layer: Type[nn.Module] = Mlp,
         autocast_norm_output: bool = False,
+        conv_pos_embed: int = 0,
     ):
         super().__init__()
+        self.pos_embed = (nn.Conv2d(dim, dim, conv_pos_embed, padding=conv_pos_embed // 2, groups=dim)
+                          if conv_pos_embed else None)
         self.norm1 = norm_layer(dim)
         self.attn = attn
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
@@ -67,7 +74,10 @@ class NHWCTransformerBlock(nn.Module):
                 norm.autocast_output = autocast_norm_output
 
     def residual_branches(self, x: torch.Tensor) -> torch.Tensor:
-        """The two pre-norm residual updates (subclasses wrap them; TorchScript has no ``super()``)."""
+        """The position embedding and the two pre-norm residual updates (subclasses wrap them;
+        TorchScript has no ``super()``)."""
+        if self.pos_embed is not None:
+            x = depthwise_conv2d_nhwc(x, self.pos_embed.weight, self.pos_embed.bias, x, "auto")
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -96,7 +106,11 @@ class NHWCTransformerBlock(nn.Module):
         scales_ok = all(isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)
                         for ls in (self.ls1, self.ls2))
         drops_ok = all(isinstance(dp, (nn.Identity, DropPath)) for dp in (self.drop_path1, self.drop_path2))
-        return norms_ok and scales_ok and drops_ok and mlp_supported(self.mlp) and self.attn.fused_supported(x)
+        # The Triton depthwise conv takes weights of x's dtype outside autocast, as F.conv2d does.
+        pos_ok = (self.pos_embed is None or torch.is_autocast_enabled(x.device.type)
+                  or self.pos_embed.weight.dtype == x.dtype)
+        return (norms_ok and scales_ok and drops_ok and pos_ok and mlp_supported(self.mlp)
+                and self.attn.fused_supported(x))
 
     @staticmethod
     def _residual_args(ls: nn.Module, drop_path: nn.Module) -> Tuple[Optional[torch.Tensor], float, bool]:
@@ -110,7 +124,8 @@ class NHWCTransformerBlock(nn.Module):
         """The tensors :meth:`fused_backward` returns gradients for, in its order."""
         gammas = [ls.gamma if isinstance(ls, LayerScale) else None for ls in (self.ls1, self.ls2)]
         mlp = self.mlp
-        return (self.norm1.weight, self.norm1.bias, *self.attn.fused_parameters(), gammas[0],
+        pos = () if self.pos_embed is None else (self.pos_embed.weight, self.pos_embed.bias)
+        return (*pos, self.norm1.weight, self.norm1.bias, *self.attn.fused_parameters(), gammas[0],
                 self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                 gammas[1])
 
@@ -118,6 +133,8 @@ class NHWCTransformerBlock(nn.Module):
     def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
         """:meth:`residual_branches` without autograd, saving what :meth:`fused_backward` needs."""
         n1, n2 = self.norm1, self.norm2
+        if self.pos_embed is not None:
+            x = depthwise_conv_forward(tape, x, self.pos_embed.weight, self.pos_embed.bias, x)
         h = layer_norm_forward(tape, x, n1.weight, n1.bias, n1.eps, n1.autocast_output)
         x = residual_forward(tape, x, self.attn.fused_forward(tape, h), *self._residual_args(self.ls1, self.drop_path1))
         h = layer_norm_forward(tape, x, n2.weight, n2.bias, n2.eps, n2.autocast_output)
@@ -132,4 +149,8 @@ class NHWCTransformerBlock(nn.Module):
         grad_x, grad_a, d_gamma1 = residual_backward(tape, grad_x)
         grad_h, attn_grads = self.attn.fused_backward(tape, grad_a)
         grad_x, d_n1w, d_n1b = layer_norm_backward(tape, grad_h, grad_x)
-        return grad_x, (d_n1w, d_n1b, *attn_grads, d_gamma1, d_n2w, d_n2b, *mlp_grads, d_gamma2)
+        pos_grads = ()
+        if self.pos_embed is not None:
+            grad_conv, d_pos_w, d_pos_b, grad_x = depthwise_conv_backward(tape, grad_x)
+            grad_x, pos_grads = grad_x + grad_conv, (d_pos_w, d_pos_b)
+        return grad_x, (*pos_grads, d_n1w, d_n1b, *attn_grads, d_gamma1, d_n2w, d_n2b, *mlp_grads, d_gamma2)

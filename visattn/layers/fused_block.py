@@ -30,13 +30,17 @@ from visattn.kernels.layer_norm import layer_norm_backward as _ln_backward
 from visattn.kernels.layer_norm import layer_norm_forward as _ln_forward
 
 try:
+    from visattn.kernels.depthwise_conv import depthwise_conv_backward as _dwconv_backward
+    from visattn.kernels.depthwise_conv import depthwise_conv_forward as _dwconv_forward
     from visattn.kernels.triton_na import na_forward, na_packed_backward
+    from visattn.kernels.triton_routed import region_topk_2d_triton, routed_backward, routed_forward
 except ImportError:  # triton ships with torch's Linux builds only; the blocks then never take this path
-    na_forward = na_packed_backward = None
+    na_forward = na_packed_backward = region_topk_2d_triton = routed_forward = routed_backward = None
 
 __all__ = ["Tape", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
            "layer_norm_backward", "gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
-           "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward"]
+           "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward",
+           "depthwise_conv_forward", "depthwise_conv_backward", "routed_qkv_forward", "routed_qkv_backward"]
 
 
 class Tape:
@@ -207,6 +211,53 @@ def na_qkv_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, Optio
     """``(grad_qkv, grad_rpb)`` of :func:`na_qkv_forward`."""
     qkv, rpb, out, lse = tape.load(4)
     return na_packed_backward(_cast(grad, out.dtype), qkv, rpb, out, lse, tape.pop())
+
+
+def depthwise_conv_forward(tape: Tape, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`visattn.kernels.depthwise_conv2d_nhwc` on its Triton forward: ``[B, H, W, C]`` maps,
+    the conv in the compute dtype (outside autocast ``x``'s, which the weights share)."""
+    conv_dtype = tape.compute_dtype or x.dtype
+    out_dtype = conv_dtype if residual is None else torch.promote_types(residual.dtype, conv_dtype)
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    out = _dwconv_forward(x, weight, bias, residual, conv_dtype, out_dtype)
+    tape.save(x, weight)
+    tape.keep((bias is not None, conv_dtype, None if residual is None else residual.dtype))
+    return out
+
+
+def depthwise_conv_backward(tape: Tape, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(grad_x, grad_weight, grad_bias, grad_residual)`` of :func:`depthwise_conv_forward`."""
+    x, weight = tape.load(2)
+    has_bias, conv_dtype, residual_dtype = tape.pop()
+    return _dwconv_backward(grad, x, weight, has_bias, conv_dtype, residual_dtype)
+
+
+def routed_qkv_forward(tape: Tape, qkv: torch.Tensor, split: Sequence[int], num_heads: int, region_grid: Tuple[int, int],
+                       topk: int, scale: float) -> torch.Tensor:
+    """BiFormer's routing (:func:`visattn.kernels.region_topk_2d`, no gradient) and
+    :func:`visattn.kernels.routed_attention_2d` on the Triton kernels, from one projection:
+    ``qkv`` ``[B, H, W, qk + qk + C]`` split as ``split`` -> ``[B, H, W, C]``."""
+    q, k, v = qkv.split(list(split), dim=-1)
+    index = region_topk_2d_triton(q, k, region_grid, topk, scale)
+    heads = [t.unflatten(-1, (num_heads, -1)) for t in (q, k, v)]
+    out, lse = routed_forward(*heads, index, scale, region_grid)
+    tape.save(qkv, index, out, lse)
+    tape.keep((tuple(split), num_heads, region_grid, scale))
+    return out.flatten(-2)
+
+
+def routed_qkv_backward(tape: Tape, grad: torch.Tensor, grad_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``grad_qkv`` of :func:`routed_qkv_forward` (``[B, H, W, qk + qk + C]``); ``grad_v``, a
+    gradient V also gets elsewhere (BiFormer's LePE conv), is added to its part."""
+    qkv, index, out, lse = tape.load(4)
+    split, num_heads, region_grid, scale = tape.pop()
+    q, k, v = (t.unflatten(-1, (num_heads, -1)) for t in qkv.split(list(split), dim=-1))
+    grad = _cast(grad, out.dtype).unflatten(-1, (num_heads, -1))
+    dq, dk, dv = (t.flatten(-2) for t in routed_backward(grad, q, k, v, index, out, lse, scale, region_grid))
+    if grad_v is not None:
+        dv = dv + grad_v
+    return torch.cat((dq, dk, dv), dim=-1)
 
 
 class _FusedBlock(torch.autograd.Function):

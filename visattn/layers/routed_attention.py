@@ -3,7 +3,7 @@
 Parameters only; the routed op and LePE's depthwise conv (fused with its residual add) come from
 ``visattn.kernels``. Both take and return NHWC maps.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 
 from visattn.kernels import depthwise_conv2d_nhwc, region_topk_2d, routed_attention_2d
+from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, linear_backward,
+                                        linear_forward, routed_qkv_backward, routed_qkv_forward)
+
+try:
+    from visattn.kernels._triton_common import unsupported_reason_for
+    from visattn.kernels.triton_routed import MAX_ROUTING_REGIONS
+except ImportError:  # triton ships with torch's Linux builds only
+    unsupported_reason_for, MAX_ROUTING_REGIONS = None, 0
 
 # Shape checks and a Triton dispatch: a leaf for torch.fx (BiFormer's blocks call it in traced code).
 register_notrace_function(depthwise_conv2d_nhwc)
@@ -30,6 +38,10 @@ class BiLevelRoutingAttention(nn.Module):
     keys) and the output cropped, as the official dense backbones do.
 
     Input and output: ``[B, H, W, dim]``.
+
+    On the Triton backend it also implements the fused-block protocol of
+    :class:`~visattn.layers.NHWCTransformerBlock` (``fused_*``): qkv, the routing, the routed op,
+    LePE and ``wo`` with a hand-written backward.
     """
 
     def __init__(self, dim: int, num_heads: int, n_win: int, qk_dim: int, topk: int, side_dwconv: int = 5,
@@ -82,6 +94,48 @@ class BiLevelRoutingAttention(nn.Module):
         out = depthwise_conv2d_nhwc(qkv[..., 2 * self.qk_dim:], self.lepe.weight, self.lepe.bias, out, "auto")
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
+
+    @torch.jit.ignore
+    def fused_supported(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_forward` computes ``self(x)``: the Triton kernels would run every op
+        (backend ``"triton"``, or ``"auto"`` on CUDA) and the map needs no padding."""
+        if unsupported_reason_for is None or self.backend not in ("auto", "triton") or x.dim() != 4:
+            return False
+        if self.backend == "auto" and not x.is_cuda:
+            return False
+        B, H, W, C = x.shape
+        n = self.n_win
+        if H < n or W < n or H % n or W % n or n * n > MAX_ROUTING_REGIONS:
+            return False
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        elif any(p.dtype != x.dtype for p in (self.qkv.weight, self.lepe.weight, self.wo.weight)):
+            return False  # the modular ops raise, or promote as the fused ones do not
+        else:
+            dtype = x.dtype
+        heads = self.num_heads
+        return unsupported_reason_for(dtype, x.device, B * heads, self.qk_dim // heads, C // heads) is None
+
+    @torch.jit.ignore
+    def fused_parameters(self) -> tuple:
+        return self.qkv.weight, self.qkv.bias, self.lepe.weight, self.lepe.bias, self.wo.weight, self.wo.bias
+
+    @torch.jit.ignore
+    def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[-1]
+        qkv = linear_forward(tape, x, self.qkv.weight, self.qkv.bias)
+        out = routed_qkv_forward(tape, qkv, (self.qk_dim, self.qk_dim, C), self.num_heads, (self.n_win, self.n_win),
+                                 self.topk, self.scale)
+        out = depthwise_conv_forward(tape, qkv[..., 2 * self.qk_dim:], self.lepe.weight, self.lepe.bias, out)
+        return linear_forward(tape, out, self.wo.weight, self.wo.bias)
+
+    @torch.jit.ignore
+    def fused_backward(self, tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+        grad, d_wo_w, d_wo_b = linear_backward(tape, grad)
+        grad_v, d_lepe_w, d_lepe_b, grad_attn = depthwise_conv_backward(tape, grad)
+        grad_x, d_qkv_w, d_qkv_b = linear_backward(tape, routed_qkv_backward(tape, grad_attn, grad_v))
+        return grad_x, (d_qkv_w, d_qkv_b, d_lepe_w, d_lepe_b, d_wo_w, d_wo_b)
 
 
 class AttentionLePE(nn.Module):

@@ -19,7 +19,6 @@ from timm.models._features import feature_take_indices
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from visattn.convert import CheckpointMismatchError, guess_family, register_official, remap_keys, unwrap_checkpoint
-from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.layers import AttentionLePE, BiLevelRoutingAttention, LayerNorm, NHWCTransformerBlock
 from visattn.models._common import check_image_batch, drop_path_schedule, init_transformer_weights, trunk_intermediates
 
@@ -32,16 +31,15 @@ class BiFormerBlock(NHWCTransformerBlock):
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float):
         # The norms feed only qkv / fc1 and (stage 4) LePE's conv: autocast casts all to bf16 anyway.
         super().__init__(dim, attn, mlp_ratio, drop_path=drop_path, norm_layer=partial(LayerNorm, eps=1e-6),
-                         autocast_norm_output=True)
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+                         autocast_norm_output=True, conv_pos_embed=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last memory (a no-op after the first block of a stage) makes the NHWC view of
         # the map dense, so the position conv (fused with its residual add), the transformer
         # block's ops and its residual adds run on contiguous tensors; the output stays channels-last.
         x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        x = depthwise_conv2d_nhwc(x, self.pos_embed.weight, self.pos_embed.bias, x, "auto")
-        return self.residual_branches(x).permute(0, 3, 1, 2)
+        x = self.residual_branches(x) if torch.jit.is_scripting() else self._forward_eager(x)
+        return x.permute(0, 3, 1, 2)
 
 
 class BiFormerStage(nn.Module):
