@@ -12,7 +12,9 @@ The pieces: a :class:`Tape` that the forward pushes saved tensors onto and the b
 reverse (through ``ctx.save_for_backward``, so saved-tensor hooks such as activation
 checkpointing's see them), and pairs ``<op>_forward(tape, ...)`` / ``<op>_backward(tape, grad)``
 that mirror what autograd does for the modular ops, autocast's casts included (a Linear under
-autocast computes in the autocast dtype and returns its weight gradients in the weights' dtype).
+autocast computes in the autocast dtype and returns its weight gradients in the weights' dtype; on
+CUDA those come straight from the fp32 accumulators, where autograd rounds them to the autocast
+dtype first).
 Modules that support the fused path implement ``fused_forward(tape, x)`` /
 ``fused_backward(tape, grad) -> (grad_x, param_grads)`` with these pairs and list their
 parameters in ``fused_parameters()`` (the order of ``param_grads``; ``None`` for absent ones).
@@ -68,6 +70,11 @@ class Tape:
         return self.constants.pop()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+# torch.mm(..., out_dtype=torch.float32) on half-precision CUDA inputs: torch >= 2.8.
+_MM_FP32_OUT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
 def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
@@ -89,9 +96,15 @@ def linear_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, torch
     x_shape, x_dtype, w_dtype, b_dtype = tape.pop()
     g = _cast(grad, rows.dtype).reshape(-1, w_c.shape[0])
     grad_x = torch.mm(g, w_c).view(x_shape)
-    grad_w = torch.mm(g.t(), rows)
-    grad_b = None if b_dtype is None else _cast(g.sum(0), b_dtype)
-    return _cast(grad_x, x_dtype), _cast(grad_w, w_dtype), grad_b
+    if _MM_FP32_OUT and rows.is_cuda and rows.dtype in _HALF and w_dtype == torch.float32:
+        # fp32 results straight from the fp32 accumulators: the modular path rounds them to half
+        # precision and casts them back (two launches more per Linear, no better numbers).
+        grad_w = torch.mm(g.t(), rows, out_dtype=torch.float32)
+        grad_b = None if b_dtype is None else g.sum(0, dtype=b_dtype)
+    else:  # CPU ATen (and older torch) has no half-in, fp32-out mm
+        grad_w = _cast(torch.mm(g.t(), rows), w_dtype)
+        grad_b = None if b_dtype is None else _cast(g.sum(0), b_dtype)
+    return _cast(grad_x, x_dtype), grad_w, grad_b
 
 
 def layer_norm_forward(tape: Tape, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
