@@ -33,10 +33,11 @@ class NHWCTransformerBlock(nn.Module):
 
     Fused path: when ``attn`` implements ``fused_supported`` / ``fused_forward`` /
     ``fused_backward`` / ``fused_parameters`` (:class:`~visattn.layers.NeighborhoodAttention2d` and
-    :class:`~visattn.layers.BiLevelRoutingAttention` on their Triton backends), the norms run on the Triton LayerNorm, the MLP is timm's ``Mlp`` with a
-    GELU and the layer scales and drop paths are timm's, the eager forward runs the block as one
-    autograd node with a hand-written backward (:mod:`visattn.layers.fused_block`): the same kernels
-    for a fraction of the host time. ``fused = False`` (on the class or an instance) or the
+    :class:`~visattn.layers.BiLevelRoutingAttention` on their Triton backends), the norms run on
+    the Triton LayerNorm, the MLP is timm's ``Mlp`` with a GELU and the layer scales and drop paths
+    are timm's, the eager forward runs the block (position conv included) as one autograd node
+    with a hand-written backward (:mod:`visattn.layers.fused_block`): the same kernels for a
+    fraction of the host time. ``fused = False`` (on the class or an instance) or the
     environment variable ``VISATTN_FUSED_BLOCKS=0`` turns it off; TorchScript, ``torch.fx`` and
     ``torch.compile`` always see the modular forward. Hooks on the submodules do not run on the
     fused path.

@@ -97,8 +97,8 @@ def linear_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, torch
     g = _cast(grad, rows.dtype).reshape(-1, w_c.shape[0])
     grad_x = torch.mm(g, w_c).view(x_shape)
     if _MM_FP32_OUT and rows.is_cuda and rows.dtype in _HALF and w_dtype == torch.float32:
-        # fp32 results straight from the fp32 accumulators: the modular path rounds them to half
-        # precision and casts them back (two launches more per Linear, no better numbers).
+        # fp32 results straight from the fp32 accumulators, where autograd's modular path rounds
+        # them to half precision and casts them up: two launches more per Linear, coarser numbers.
         grad_w = torch.mm(g.t(), rows, out_dtype=torch.float32)
         grad_b = None if b_dtype is None else g.sum(0, dtype=b_dtype)
     else:  # CPU ATen (and older torch) has no half-in, fp32-out mm
@@ -246,8 +246,8 @@ def depthwise_conv_backward(tape: Tape, grad: torch.Tensor) -> Tuple[Optional[to
     return _dwconv_backward(grad, x, weight, has_bias, conv_dtype, residual_dtype)
 
 
-def routed_qkv_forward(tape: Tape, qkv: torch.Tensor, split: Sequence[int], num_heads: int, region_grid: Tuple[int, int],
-                       topk: int, scale: float) -> torch.Tensor:
+def routed_qkv_forward(tape: Tape, qkv: torch.Tensor, split: Sequence[int], num_heads: int,
+                       region_grid: Tuple[int, int], topk: int, scale: float) -> torch.Tensor:
     """BiFormer's routing (:func:`visattn.kernels.region_topk_2d`, no gradient) and
     :func:`visattn.kernels.routed_attention_2d` on the Triton kernels, from one projection:
     ``qkv`` ``[B, H, W, qk + qk + C]`` split as ``split`` -> ``[B, H, W, C]``."""
