@@ -9,10 +9,15 @@ from timm.layers import DropPath, LayerScale, Mlp
 
 from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.kernels.layer_norm import triton_supports
-from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, fused_block_apply,
-                                        layer_norm_backward, layer_norm_forward, mlp_backward, mlp_forward,
-                                        mlp_supported, residual_backward, residual_forward)
+from visattn.layers.fused_block import (Tape, autocast_dtype, depthwise_conv_backward, depthwise_conv_forward,
+                                        fused_block_apply, layer_norm_backward, layer_norm_forward, mlp_backward,
+                                        mlp_forward, mlp_supported, residual_backward, residual_forward)
 from visattn.layers.norm import LayerNorm
+
+# A leaf for torch.fx in this module's traced code (the position conv: shape checks, a Triton
+# dispatch); fx patches this module's name, which an autowrap registration does not reach when a
+# subclass's forward (BiFormer's) calls residual_branches.
+torch.fx.wrap("depthwise_conv2d_nhwc")
 
 
 class NHWCTransformerBlock(nn.Module):
@@ -107,11 +112,10 @@ class NHWCTransformerBlock(nn.Module):
         scales_ok = all(isinstance(ls, nn.Identity) or (type(ls) is LayerScale and not ls.inplace)
                         for ls in (self.ls1, self.ls2))
         drops_ok = all(isinstance(dp, (nn.Identity, DropPath)) for dp in (self.drop_path1, self.drop_path2))
+        if not (norms_ok and scales_ok and drops_ok and mlp_supported(self.mlp) and self.attn.fused_supported(x)):
+            return False
         # The Triton depthwise conv takes weights of x's dtype outside autocast, as F.conv2d does.
-        pos_ok = (self.pos_embed is None or torch.is_autocast_enabled(x.device.type)
-                  or self.pos_embed.weight.dtype == x.dtype)
-        return (norms_ok and scales_ok and drops_ok and pos_ok and mlp_supported(self.mlp)
-                and self.attn.fused_supported(x))
+        return self.pos_embed is None or autocast_dtype(x) is not None or self.pos_embed.weight.dtype == x.dtype
 
     @staticmethod
     def _residual_args(ls: nn.Module, drop_path: nn.Module) -> Tuple[Optional[torch.Tensor], float, bool]:

@@ -39,7 +39,7 @@ try:
 except ImportError:  # triton ships with torch's Linux builds only; the blocks then never take this path
     na_forward = na_packed_backward = region_topk_2d_triton = routed_forward = routed_backward = None
 
-__all__ = ["Tape", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
+__all__ = ["Tape", "autocast_dtype", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
            "layer_norm_backward", "gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
            "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward",
            "depthwise_conv_forward", "depthwise_conv_backward", "routed_qkv_forward", "routed_qkv_backward"]
@@ -292,9 +292,16 @@ class _FusedBlock(torch.autograd.Function):
         return (None, None, grad_x, *param_grads)
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for ``x``'s device type, or ``None`` (also for device types
+    without autocast, such as ``meta``)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def fused_block_apply(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` as one autograd node: ``block.fused_forward`` / ``fused_backward`` over
     ``block.fused_parameters()``, under the caller's autocast state."""
-    device_type = x.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return _FusedBlock.apply(block, compute_dtype, x, *block.fused_parameters())
+    return _FusedBlock.apply(block, autocast_dtype(x), x, *block.fused_parameters())
