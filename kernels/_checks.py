@@ -165,6 +165,15 @@ def _check_na_args(ndim, q, k, v, kernel_size, dilation, stride, rpb, scale) -> 
 _fallback_warned: Set[Tuple[str, str]] = set()
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for ``device_type``, or ``None`` outside autocast."""
+    # Devices autocast does not know (meta, used to count parameters and MACs) are never under it.
+    # Traced code sees real devices only, and dynamo (torch 2.11) cannot trace is_autocast_available.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def auto_picks_triton(op: str, q: torch.Tensor, v: torch.Tensor,
                       unsupported_reason: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[str]]],
                       stacklevel: int) -> bool:

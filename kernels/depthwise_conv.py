@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import autocast_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -75,24 +77,23 @@ def depthwise_conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         raise ValueError(f"depthwise_conv2d_nhwc backend 'triton' takes fp16 / bf16 / fp32 maps, got x {x.dtype}"
                          + ("" if residual is None else f" and residual {residual.dtype}"))
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        conv_dtype = torch.get_autocast_dtype(device)
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"depthwise_conv2d_nhwc: x ({x.dtype}), weight ({weight.dtype}) and bias must share one dtype "
-                         f"outside autocast, as for F.conv2d")
-    else:
+    conv_dtype = autocast_dtype(device)
+    if conv_dtype is None:
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise ValueError(f"depthwise_conv2d_nhwc: x ({x.dtype}), weight ({weight.dtype}) and bias must share one "
+                             f"dtype outside autocast, as for F.conv2d")
         conv_dtype = x.dtype
     weight = weight if weight.is_contiguous() else weight.contiguous()
-    out_dtype = conv_dtype if residual is None else torch.promote_types(residual.dtype, conv_dtype)
     with torch.autocast(device, enabled=False):
-        return _DepthwiseConvFunction.apply(x, weight, bias, residual, conv_dtype, out_dtype)
+        return _DepthwiseConvFunction.apply(x, weight, bias, residual, conv_dtype)
 
 
 def depthwise_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           residual: Optional[torch.Tensor], conv_dtype: torch.dtype,
-                           out_dtype: torch.dtype) -> torch.Tensor:
+                           residual: Optional[torch.Tensor], conv_dtype: torch.dtype) -> torch.Tensor:
     """The Triton forward of :func:`depthwise_conv2d_nhwc` (arguments checked, ``weight``
-    contiguous, autocast resolved into ``conv_dtype`` / ``out_dtype``): ``[B, H, W, C]``."""
+    contiguous, autocast resolved into ``conv_dtype``): ``[B, H, W, C]`` in ``conv_dtype``, or
+    with ``residual`` in the promoted dtype of the two."""
+    out_dtype = conv_dtype if residual is None else torch.promote_types(residual.dtype, conv_dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     res = residual if residual is not None else out
     key = ("fwd", x.shape, x.stride(), res.stride(), tuple(weight.shape[2:]), bias is not None,
@@ -131,18 +132,18 @@ def depthwise_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
 
 class _DepthwiseConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, conv_dtype, out_dtype):
+    def forward(ctx, x, weight, bias, residual, conv_dtype):
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.conv_dtype = bias is not None, conv_dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
-        return depthwise_conv_forward(x, weight, bias, residual, conv_dtype, out_dtype)
+        return depthwise_conv_forward(x, weight, bias, residual, conv_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grads = depthwise_conv_backward(grad_out, x, weight, ctx.has_bias, ctx.conv_dtype, ctx.residual_dtype,
                                         tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None)
+        return (*grads, None)
 
 
 def _tiles(C: int) -> Tuple[int, int]:

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._checks import autocast_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -54,9 +56,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         out = F.layer_norm(x, (C,), weight, bias, eps)
-        if autocast_output and _autocast_enabled(x.device.type):
-            return out.to(torch.get_autocast_dtype(x.device.type))
-        return out
+        compute_dtype = autocast_dtype(x.device.type)
+        return out.to(compute_dtype) if autocast_output and compute_dtype is not None else out
     if backend != "triton":
         raise ValueError(f"unknown layer_norm backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     if triton is None:
@@ -67,11 +68,12 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
-    if _autocast_enabled(x.device.type):
+    compute_dtype = autocast_dtype(x.device.type)
+    if compute_dtype is not None:
         # layer_norm is on autocast's fp32 list: the output is fp32, computed from the inputs cast
         # up. The kernels read x in its own dtype and compute in fp32 (the same numbers), so no fp32
         # copy of x is made, and its gradient is rounded to x's dtype once, as the cast's would be.
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast_output else torch.float32
+        out_dtype = compute_dtype if autocast_output else torch.float32
         with torch.autocast(x.device.type, enabled=False):
             return _LayerNormFunction.apply(x, _float_or_none(weight), _float_or_none(bias), eps, out_dtype)
     return _LayerNormFunction.apply(x, weight, bias, eps, x.dtype)
@@ -83,14 +85,6 @@ def triton_supports(x: torch.Tensor, width: int) -> bool:
     if triton is None or x.dtype not in _SUPPORTED or width > _MAX_WIDTH:
         return False
     return x.is_cuda or (interpreting() and x.dtype != torch.bfloat16)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    # Devices autocast does not know (meta, used to count parameters and MACs) are never under it.
-    # Traced code sees real devices only, and dynamo (torch 2.11) cannot trace is_autocast_available.
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
-        return False
-    return torch.is_autocast_enabled(device_type)
 
 
 def _float_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

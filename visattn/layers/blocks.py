@@ -9,9 +9,10 @@ from timm.layers import DropPath, LayerScale, Mlp
 
 from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.kernels.layer_norm import triton_supports
-from visattn.layers.fused_block import (Tape, autocast_dtype, depthwise_conv_backward, depthwise_conv_forward,
-                                        fused_block_apply, layer_norm_backward, layer_norm_forward, mlp_backward,
-                                        mlp_forward, mlp_supported, residual_backward, residual_forward)
+from visattn.kernels._checks import autocast_dtype
+from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, fused_block_apply,
+                                        layer_norm_backward, layer_norm_forward, mlp_backward, mlp_forward,
+                                        mlp_supported, residual_backward, residual_forward)
 from visattn.layers.norm import LayerNorm
 
 # A leaf for torch.fx in this module's traced code (the position conv: shape checks, a Triton
@@ -115,7 +116,7 @@ class NHWCTransformerBlock(nn.Module):
         if not (norms_ok and scales_ok and drops_ok and mlp_supported(self.mlp) and self.attn.fused_supported(x)):
             return False
         # The Triton depthwise conv takes weights of x's dtype outside autocast, as F.conv2d does.
-        return self.pos_embed is None or autocast_dtype(x) is not None or self.pos_embed.weight.dtype == x.dtype
+        return self.pos_embed is None or autocast_dtype(x.device.type) is not None or self.pos_embed.weight.dtype == x.dtype
 
     @staticmethod
     def _residual_args(ls: nn.Module, drop_path: nn.Module) -> Tuple[Optional[torch.Tensor], float, bool]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from visattn.kernels._checks import IntOrTuple, check_na_args
+from visattn.kernels._checks import IntOrTuple, autocast_dtype, check_na_args
 from visattn.kernels.layer_norm import layer_norm_backward as _ln_backward
 from visattn.kernels.layer_norm import layer_norm_forward as _ln_forward
 
@@ -39,7 +39,7 @@ try:
 except ImportError:  # triton ships with torch's Linux builds only; the blocks then never take this path
     na_forward = na_packed_backward = region_topk_2d_triton = routed_forward = routed_backward = None
 
-__all__ = ["Tape", "autocast_dtype", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
+__all__ = ["Tape", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
            "layer_norm_backward", "gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
            "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward",
            "depthwise_conv_forward", "depthwise_conv_backward", "routed_qkv_forward", "routed_qkv_backward"]
@@ -231,9 +231,8 @@ def depthwise_conv_forward(tape: Tape, x: torch.Tensor, weight: torch.Tensor, bi
     """:func:`visattn.kernels.depthwise_conv2d_nhwc` on its Triton forward: ``[B, H, W, C]`` maps,
     the conv in the compute dtype (outside autocast ``x``'s, which the weights share)."""
     conv_dtype = tape.compute_dtype or x.dtype
-    out_dtype = conv_dtype if residual is None else torch.promote_types(residual.dtype, conv_dtype)
     weight = weight if weight.is_contiguous() else weight.contiguous()
-    out = _dwconv_forward(x, weight, bias, residual, conv_dtype, out_dtype)
+    out = _dwconv_forward(x, weight, bias, residual, conv_dtype)
     tape.save(x, weight)
     tape.keep((bias is not None, conv_dtype, None if residual is None else residual.dtype))
     return out
@@ -292,16 +291,7 @@ class _FusedBlock(torch.autograd.Function):
         return (None, None, grad_x, *param_grads)
 
 
-def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype in effect for ``x``'s device type, or ``None`` (also for device types
-    without autocast, such as ``meta``)."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 def fused_block_apply(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` as one autograd node: ``block.fused_forward`` / ``fused_backward`` over
     ``block.fused_parameters()``, under the caller's autocast state."""
-    return _FusedBlock.apply(block, autocast_dtype(x), x, *block.fused_parameters())
+    return _FusedBlock.apply(block, autocast_dtype(x.device.type), x, *block.fused_parameters())

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visattn.kernels import na2d_qkv
-from visattn.layers.fused_block import (Tape, autocast_dtype, dropout_inactive, linear_backward, linear_forward,
-                                        na_qkv_backward, na_qkv_forward)
+from visattn.kernels._checks import autocast_dtype
+from visattn.layers.fused_block import (Tape, dropout_inactive, linear_backward, linear_forward, na_qkv_backward,
+                                        na_qkv_forward)
 
 try:
     from visattn.kernels._triton_common import unsupported_reason_for
@@ -100,7 +101,7 @@ class NeighborhoodAttention2d(nn.Module):
             return False
         if any(size < k * d for size, k, d in zip(x.shape[1:3], self.kernel_size, self.dilation)):
             return False
-        dtype = autocast_dtype(x) or x.dtype
+        dtype = autocast_dtype(x.device.type) or x.dtype
         return unsupported_reason_for(dtype, x.device, x.shape[0] * self.num_heads, self.head_dim, self.head_dim) is None
 
     @torch.jit.ignore

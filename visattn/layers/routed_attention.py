@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 
 from visattn.kernels import depthwise_conv2d_nhwc, region_topk_2d, routed_attention_2d
-from visattn.layers.fused_block import (Tape, autocast_dtype, depthwise_conv_backward, depthwise_conv_forward,
-                                        linear_backward, linear_forward, routed_qkv_backward, routed_qkv_forward)
+from visattn.kernels._checks import autocast_dtype
+from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, linear_backward,
+                                        linear_forward, routed_qkv_backward, routed_qkv_forward)
 
 try:
     from visattn.kernels._triton_common import unsupported_reason_for
@@ -107,7 +108,7 @@ class BiLevelRoutingAttention(nn.Module):
         n = self.n_win
         if H < n or W < n or H % n or W % n or n * n > MAX_ROUTING_REGIONS:
             return False
-        dtype = autocast_dtype(x)
+        dtype = autocast_dtype(x.device.type)
         if dtype is None:
             if any(p.dtype != x.dtype for p in (self.qkv.weight, self.lepe.weight, self.wo.weight)):
                 return False  # the modular ops raise, or promote as the fused ones do not
