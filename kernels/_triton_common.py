@@ -136,7 +136,7 @@ class KernelCall:
     Args:
         kernel: a ``@triton.jit`` function whose parameters are the tensors, then ``scalars``, then
             the constexprs (given in ``meta`` or left at their defaults; ``meta`` may also hold
-            ``num_warps`` / ``num_stages``).
+            ``num_warps`` / ``num_stages`` / ``maxnreg``).
         grid: 1 to 3 program counts.
     """
 

@@ -457,9 +457,12 @@ class LaunchConfig:
     rows: int  # key rows per step of the query-centric kernels
     num_warps: int
     num_stages: int
+    # A cap on registers per thread (ptxas ``maxnreg``): more programs per SM for a few spills.
+    max_registers: Optional[int] = None
 
     def __str__(self) -> str:
-        return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}"
+        cap = f"/m{self.max_registers}" if self.max_registers else ""
+        return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}{cap}"
 
 
 # Candidates per kernel and rank, the interpreter's default first. Few on purpose: every candidate
@@ -467,13 +470,16 @@ class LaunchConfig:
 # an H200 (2026-12-01, NAT-T / DiNAT-T stage shapes): 2-warp programs win everywhere; the forward
 # and the key-centric kernel prefer 4x8 tiles (30% of the computed logits used at k7, 22% for
 # 8x8), the dQ kernel 8x8 with 2 key rows (its rpb-gradient matmul needs >= 16 reduced rows);
-# 8x16 tiles stay for k >= 13 and windows.
+# 8x16 tiles stay for k >= 13 and windows. Capped registers (tools/tune_na.py, H200,
+# 2026-12-02): the 2-warp forward at 80 (from 109; 2 spilled registers) runs 12 programs per SM
+# instead of 9, 5-8% faster at NAT-T / DiNAT-T stage 1; the key-centric kernel at 128 (from 168 /
+# 255) 3-4% faster; the dQ kernel's caps (168, 128) were 10-40% slower.
 _C = LaunchConfig
 _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "fwd": {
         1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
         2: [_C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
-            _C((1, 8, 16), 1, 4, 2)],
+            _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 2, 2, 2, 80), _C((1, 4, 8), 2, 2, 3, 80)],
         3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],
     },
     "bwd_dq": {
@@ -485,7 +491,7 @@ _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "bwd_dkdv": {
         1: [_C((1, 1, 64), 1, 4, 2), _C((1, 1, 64), 1, 2, 2), _C((1, 1, 128), 1, 4, 2)],
         2: [_C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 1, 2, 2), _C((1, 2, 8), 1, 2, 2), _C((1, 8, 8), 1, 4, 2),
-            _C((1, 8, 16), 1, 4, 2)],
+            _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 1, 2, 2, 128), _C((1, 8, 8), 1, 2, 2, 128)],
         3: [_C((2, 4, 8), 1, 4, 2), _C((2, 4, 8), 1, 2, 2), _C((1, 8, 8), 1, 4, 2)],
     },
 }
@@ -552,6 +558,8 @@ def _geometry(q_shape: Sequence[int], dtype: torch.dtype, params: NAParams, cfg:
     meta = dict(KT=kt, KH=kh, KW=kw, DT=dt, DH=dh, DW=dw, ST=st, SH=sh, SW=sw, TILE_T=tt, TILE_H=th, TILE_W=tw,
                 BLOCK_D=_pow2_at_least(D), IEEE=dtype == torch.float32,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.max_registers:
+        meta["maxnreg"] = cfg.max_registers
     return grid, meta
 
 

@@ -2,9 +2,12 @@
 backward must give the modular block's output and gradients (CPU, Triton NA and LayerNorm in the
 interpreter), take the fused path only where it computes the same function, and leave TorchScript,
 torch.fx, grad checkpointing and the LayerNorm backward's residual input right."""
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from timm.layers import Mlp
 
 from visattn.kernels.layer_norm import layer_norm_backward, layer_norm_forward
@@ -76,6 +79,26 @@ def test_fused_matches_modular_under_autocast():
     for name, g in grads_m.items():
         assert grads_f[name].dtype == g.dtype == torch.float32, name
         torch.testing.assert_close(grads_f[name], g, rtol=2e-2, atol=2e-2 * g.abs().max().item(), msg=name)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_forward_casts_the_linear_weights_in_one_copy_per_module():
+    """Under autocast the fused forward casts the attention's and the MLP's Linear parameters in one
+    multi-tensor copy each (not a cast each: host time), and nothing else of the block's."""
+    block = _block().train()
+    x = torch.randn(1, 6, 6, 32)
+    with torch.autocast("cpu", dtype=torch.float16), _CountOps() as ops:
+        block(x)
+    assert ops.counts["_foreach_copy_"] == 2 and ops.counts["_to_copy"] == 0, ops.counts
 
 
 @pytest.mark.parametrize("case", ["off", "reference backend", "padding", "proj dropout", "mlp dropout",

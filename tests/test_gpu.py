@@ -474,3 +474,21 @@ def test_biformer_block_compiles_with_inductor():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0],
                                torch.autograd.grad(ref.square().sum(), x)[0], rtol=1e-4, atol=1e-3)
+
+
+def test_bench_model_interleaves_rounds():
+    """``visattn bench model`` at a tiny batch: every model gets ``rounds`` round medians, its
+    result is the median of all its timed steps (so it lies between its lowest and highest round
+    median), and its peak memory is positive and below the device's."""
+    from visattn.bench.model import run
+
+    specs = ["visattn_dinat_t@triton", "visattn_dinat_t@triton:modular"]
+    payload = run(specs, batch=2, image_size=224, out_dir=None, steps=2, timings=["eager", "graph"], rounds=2)
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for spec in specs:
+        for timing in ("eager", "graph"):
+            r = payload["results"][spec][timing]
+            assert len(r["round_medians_ms"]) == 2
+            low, high = min(r["round_medians_ms"]), max(r["round_medians_ms"])
+            assert 0 < low and low - 1e-6 <= r["ms_per_step"] <= high + 1e-6
+            assert 0 < r["peak_GiB"] < total

@@ -33,8 +33,9 @@ _BACK_BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 
 
 def _config(text: str) -> triton_na.LaunchConfig:
-    tile, rows, warps = text.split("/")
-    return triton_na.LaunchConfig(tuple(int(n) for n in tile.split("x")), int(rows[1:]), int(warps[1:]), 2)
+    tile, rows, warps, *cap = text.split("/")  # tile/rows/warps[/mREGISTERS]
+    return triton_na.LaunchConfig(tuple(int(n) for n in tile.split("x")), int(rows[1:]), int(warps[1:]), 2,
+                                  int(cap[0][1:]) if cap else None)
 
 
 def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
@@ -74,8 +75,10 @@ def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: 
             if values[p.name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=call.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": stages})
+    options = {"num_warps": cfg.num_warps, "num_stages": stages}
+    if cfg.max_registers:
+        options["maxnreg"] = cfg.max_registers
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def disassemble(compiled) -> str:
@@ -116,7 +119,7 @@ def summarize(sass: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="nat-t-s1", choices=[s.name for s in SHAPES])
-    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps, e.g. 1x4x8/r2/w2")
+    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps[/mREGISTERS], e.g. 1x4x8/r2/w2/m80")
     parser.add_argument("--dq", default="1x8x8/r2/w2")
     parser.add_argument("--dkdv", default="1x4x8/r1/w2")
     parser.add_argument("--stages", type=int, default=2)

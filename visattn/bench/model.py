@@ -4,7 +4,8 @@ One training step is forward, backward and an AdamW step (``fused=True`` by defa
 torch has; ``--optimizer foreach`` for the multi-tensor one) under bf16 autocast on random images
 and labels. Every model runs in the same process on the same batch; the neighborhood-attention
 models run once per op backend (``triton``, ``reference``; BiFormer also ``gather``, the official
-algorithm). The time per step is the median over ``--steps`` steps, each timed by CUDA events,
+algorithm). The time per step is the median over ``--rounds`` rounds of ``--steps`` steps per model
+(the models in turn within each round), each timed by CUDA events,
 measured as ``eager`` (a plain training loop: a model whose kernels are short waits for the host
 to launch them) and ``graph`` (the whole step captured in one CUDA graph and replayed: the GPU time
 of the kernels alone, what a host-bound model gains from graph capture); ``--timings compiled``
@@ -16,7 +17,7 @@ import argparse
 import datetime
 import os
 import statistics
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import timm
 import torch
@@ -59,14 +60,15 @@ TIMINGS = ("eager", "graph", "compiled", "compiled-graph")
 DEFAULT_TIMINGS = ("eager", "graph")
 
 
-def _median_step_ms(step: Callable[[], object], steps: int) -> float:
+def _step_ms(step: Callable[[], object], steps: int) -> List[float]:
+    """Milliseconds of each of ``steps`` calls of ``step``, back to back, by CUDA events."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
     for start, end in events:
         start.record()
         step()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def training_step(spec: str, batch: int, image_size: int, optimizer: str = "fused", for_graph: bool = False,
@@ -96,50 +98,82 @@ def training_step(spec: str, batch: int, image_size: int, optimizer: str = "fuse
     return step
 
 
-def train_throughput(spec: str, batch: int, image_size: int, optimizer: str = "fused", steps: int = 10,
-                     timing: str = "eager") -> Dict[str, float]:
-    """Median ms per training step of ``spec``: ``timing="eager"`` runs the step as a training loop
-    does; ``"graph"`` captures the whole step (forward, loss, backward, AdamW with
-    ``capturable=True``) in one CUDA graph and replays it, which removes the host's launch overhead
-    (PyTorch's whole-network capture); ``"compiled"`` runs the eager loop on ``torch.compile(model)``
-    (inductor fuses the element-wise ops around visattn's custom ops, so fewer launches);
-    ``"compiled-graph"`` captures the step of the compiled model in one CUDA graph: the GPU time of
-    the compiled kernels, which a host-bound compiled model does not reach in its eager loop."""
+# Untimed steps before the first timed one: kernels compile and tune in the first; the others let
+# the allocator's pools and the launch caches settle.
+WARM_UP_STEPS = 5
+
+
+class PreparedStep(NamedTuple):
+    run: Callable[[], object]  # one timed step
+    peak_GiB: float
+    step: Callable[[], None]  # the eager step: a graph replays kernels on its model and tensors, keep them alive
+
+
+def prepared_step(spec: str, batch: int, image_size: int, optimizer: str = "fused",
+                  timing: str = "eager") -> PreparedStep:
+    """The step of ``spec`` as ``timing`` runs it (warmed up), the GiB it allocated at its peak
+    (model, optimizer state, the step's activations; a graph's memory is allocated while it is
+    captured) and the eager step it came from. ``timing="eager"`` runs the step as a training loop does; ``"graph"`` captures the
+    whole step (forward, loss, backward, AdamW with ``capturable=True``) in one CUDA graph and
+    replays it, which removes the host's launch overhead (PyTorch's whole-network capture);
+    ``"compiled"`` runs the eager loop on ``torch.compile(model)`` (inductor fuses the element-wise
+    ops around visattn's custom ops, so fewer launches); ``"compiled-graph"`` captures the step of
+    the compiled model in one CUDA graph: the GPU time of the compiled kernels, which a host-bound
+    compiled model does not reach in its eager loop."""
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     graph = timing in ("graph", "compiled-graph")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     step = training_step(spec, batch, image_size, optimizer, for_graph=graph,
                          compiled=timing in ("compiled", "compiled-graph"))
-    warm_up(step)  # compile the kernels, allocate optimizer state and gradients
-    # The peak counts from here: a graph's memory is allocated while it is captured.
-    torch.cuda.reset_peak_memory_stats()
+    warm_up(step, WARM_UP_STEPS)  # compile the kernels, allocate optimizer state and gradients
     run_step = capture_graph(step).replay if graph else step
-    ms = _median_step_ms(run_step, steps)
-    peak = torch.cuda.max_memory_allocated()
-    return {"ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "peak_GiB": peak / 2**30}
+    run_step()
+    torch.cuda.synchronize()
+    return PreparedStep(run_step, (torch.cuda.max_memory_allocated() - before) / 2**30, step)
 
 
 def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], optimizer: str = "fused",
-        steps: int = 10, timings: Sequence[str] = DEFAULT_TIMINGS) -> Dict[str, object]:
+        steps: int = 10, timings: Sequence[str] = DEFAULT_TIMINGS, rounds: int = 3) -> Dict[str, object]:
+    """Per timing, every model's step prepared side by side, then ``rounds`` rounds in which each
+    model runs ``steps`` timed steps in turn: the host's speed drifts over a run, and interleaving
+    spreads the drift over all models instead of charging it to whichever ran first. Each result is
+    the median over all its timed steps, with the medians of its rounds beside it."""
     require_cuda()
-    results: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for spec in specs:
-        for timing in timings:
-            results.setdefault(spec, {})[timing] = train_throughput(spec, batch, image_size, optimizer, steps, timing)
-            torch.cuda.empty_cache()  # the finished model's memory goes back before the next one
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be at least 1, got {rounds} and {steps}")
+    results: Dict[str, Dict[str, Dict[str, object]]] = {}
+    for timing in timings:
+        prepared = {spec: prepared_step(spec, batch, image_size, optimizer, timing) for spec in specs}
+        samples: Dict[str, List[List[float]]] = {spec: [] for spec in specs}
+        for _ in range(rounds):
+            for spec, prep in prepared.items():
+                samples[spec].append(_step_ms(prep.run, steps))
+        for spec, prep in prepared.items():
+            ms = statistics.median(t for round_ms in samples[spec] for t in round_ms)
+            results.setdefault(spec, {})[timing] = {
+                "ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "peak_GiB": prep.peak_GiB,
+                "round_medians_ms": [statistics.median(round_ms) for round_ms in samples[spec]]}
+        del prepared
+        torch.cuda.empty_cache()  # this timing's models' memory goes back before the next timing's
     rows = []
     for spec, by_timing in results.items():
         row = {"model": spec}
         for timing, r in by_timing.items():
             first = results[specs[0]][timing]["images_per_s"]
-            row.update({f"{timing} ms/step": f"{r['ms_per_step']:.1f}", f"{timing} img/s": f"{r['images_per_s']:.0f}",
+            spread = "-".join(f"{m:.1f}" for m in (min(r["round_medians_ms"]), max(r["round_medians_ms"])))
+            row.update({f"{timing} ms/step": f"{r['ms_per_step']:.1f}", f"{timing} rounds": spread,
+                        f"{timing} img/s": f"{r['images_per_s']:.0f}",
                         f"{timing} vs {specs[0]}": f"{r['images_per_s'] / first:.2f}x", f"{timing} peak GiB": f"{r['peak_GiB']:.1f}"})
         rows.append(row)
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "batch": batch, "image_size": image_size, "amp": "bfloat16",
-        "optimizer": f"AdamW({optimizer}=True)", "steps": steps, "results": results,
+        "optimizer": f"AdamW({optimizer}=True)", "steps": steps, "rounds": rounds, "warm_up_steps": WARM_UP_STEPS,
+        "results": results,
     }
     print(f"training step (fwd+bwd+AdamW {optimizer}), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
     print(format_table(rows, list(rows[0])))
@@ -154,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--optimizer", default="fused", choices=OPTIMIZERS, help="AdamW implementation (default: fused)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warm-up steps (default: 10)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model and round (default: 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every model's steps in turn (default: 3)")
     parser.add_argument("--timings", nargs="+", default=list(DEFAULT_TIMINGS), choices=TIMINGS,
                         help="eager steps, replays of the step captured in a CUDA graph, eager steps of "
                              "torch.compile(model), and/or replays of that step captured in a graph "
@@ -163,5 +198,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.models, args.batch, args.image_size, args.out or None, args.optimizer, args.steps, args.timings)
+    run(args.models, args.batch, args.image_size, args.out or None, args.optimizer, args.steps, args.timings, args.rounds)
     return 0

@@ -21,7 +21,7 @@ parameters in ``fused_parameters()`` (the order of ``param_grads``; ``None`` for
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,26 @@ class Tape:
         self.compute_dtype = compute_dtype
         self.tensors: List[Optional[torch.Tensor]] = list(tensors)
         self.constants: List[object] = list(constants)
+        self._casts: Dict[int, torch.Tensor] = {}  # id(parameter) -> its copy in compute_dtype
+
+    def precast(self, *tensors: Optional[torch.Tensor]) -> None:
+        """Cast the ``tensors`` (parameters the block's Linears will use) that are not in the
+        compute dtype, in one allocation and one multi-tensor copy instead of a cast each (each
+        cast is an allocation and a launch on the host); :meth:`cast` then returns them."""
+        dtype = self.compute_dtype
+        todo = [t for t in tensors if t is not None and dtype is not None and t.dtype != dtype]
+        if not todo:
+            return
+        flat = torch.empty(sum(t.numel() for t in todo), dtype=dtype, device=todo[0].device)
+        copies = [c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in todo]), todo)]
+        torch._foreach_copy_(copies, todo)
+        self._casts.update(zip(map(id, todo), copies))
+
+    def cast(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``t`` in the compute dtype (as autocast casts a Linear's parameters): its :meth:`precast`
+        copy, or a new cast."""
+        copy = self._casts.get(id(t))
+        return copy if copy is not None else _cast(t, self.compute_dtype)
 
     def save(self, *tensors: Optional[torch.Tensor]) -> None:
         self.tensors.extend(tensors)
@@ -81,8 +101,7 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
 
 def linear_forward(tape: Tape, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (``x`` ``[..., K]``; in the tape's compute dtype under autocast)."""
-    dtype = tape.compute_dtype
-    x_c, w_c, b_c = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    x_c, w_c, b_c = _cast(x, tape.compute_dtype), tape.cast(weight), tape.cast(bias)
     rows = x_c.reshape(-1, x_c.shape[-1])
     out = torch.mm(rows, w_c.t()) if b_c is None else torch.addmm(b_c, rows, w_c.t())
     tape.save(rows, w_c)
@@ -182,6 +201,7 @@ def residual_backward(tape: Tape, grad: torch.Tensor
 
 def mlp_forward(tape: Tape, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``Mlp`` (``fc1``, GELU, ``fc2``; no norm, no active dropout): see :func:`mlp_supported`."""
+    tape.precast(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     h = gelu_forward(tape, linear_forward(tape, x, mlp.fc1.weight, mlp.fc1.bias), mlp.act.approximate)
     return linear_forward(tape, h, mlp.fc2.weight, mlp.fc2.bias)
 
