@@ -471,15 +471,17 @@ class LaunchConfig:
 # and the key-centric kernel prefer 4x8 tiles (30% of the computed logits used at k7, 22% for
 # 8x8), the dQ kernel 8x8 with 2 key rows (its rpb-gradient matmul needs >= 16 reduced rows);
 # 8x16 tiles stay for k >= 13 and windows. Capped registers (tools/tune_na.py, H200,
-# 2026-12-02): the 2-warp forward at 80 (from 109; 2 spilled registers) runs 12 programs per SM
-# instead of 9, 5-8% faster at NAT-T / DiNAT-T stage 1; the key-centric kernel at 128 (from 168 /
-# 255) 3-4% faster; the dQ kernel's caps (168, 128) were 10-40% slower.
+# 2026-12-02): the 2-warp 4x8 forward at 72-88 (from 109 with rpb, 90 without; a few spills) fits
+# 10-14 programs per SM instead of 9, 5-9% faster at NAT-T / DiNAT-T stage 1 (88 and 80 with rpb,
+# 72 without); the key-centric kernel at 128 (from 168 / 255) 3-4% faster; the dQ kernel's caps
+# (168, 128) were 10-40% slower.
 _C = LaunchConfig
 _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "fwd": {
         1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
         2: [_C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
-            _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 2, 2, 2, 80), _C((1, 4, 8), 2, 2, 3, 80)],
+            _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 2, 2, 2, 88), _C((1, 4, 8), 2, 2, 3, 88),
+            _C((1, 4, 8), 2, 2, 2, 80), _C((1, 4, 8), 2, 2, 2, 72)],
         3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],
     },
     "bwd_dq": {

@@ -1,9 +1,9 @@
 """Time every launch-config candidate of the Triton NA kernels on the benchmark shapes (GPU).
 
 Prints, per shape and kernel, each candidate's median ms, the best first; used to choose the
-candidate lists and defaults in kernels/triton_na.py. ``--tiles / --rows / --warps / --stages``
-replace the 2-D candidate lists of every kernel for the run by their product (to time
-configurations that are not candidates).
+candidate lists and defaults in kernels/triton_na.py. ``--tiles / --rows / --warps / --stages /
+--max-registers`` replace the 2-D candidate lists of every kernel for the run by their product (to
+time configurations that are not candidates).
 """
 import argparse
 import time
@@ -30,15 +30,18 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, help="key rows per step of the query-centric kernels")
     parser.add_argument("--warps", nargs="+", type=int)
     parser.add_argument("--stages", nargs="+", type=int)
+    parser.add_argument("--max-registers", nargs="+", type=int, help="register caps per thread (0: none)")
     args = parser.parse_args()
-    if args.tiles or args.rows or args.warps or args.stages:
+    if args.tiles or args.rows or args.warps or args.stages or args.max_registers:
         for kind, by_rank in triton_na._CANDIDATES.items():
             current = by_rank[2]
             tiles = args.tiles or sorted({c.tile for c in current})
             rows = (1,) if kind == "bwd_dkdv" else (args.rows or sorted({c.rows for c in current}))
             warps = args.warps or sorted({c.num_warps for c in current})
             stages = args.stages or sorted({c.num_stages for c in current})
-            by_rank[2] = [triton_na.LaunchConfig(t, r, w, s) for t in tiles for r in rows for w in warps for s in stages]
+            caps = args.max_registers or sorted({c.max_registers or 0 for c in current})
+            by_rank[2] = [triton_na.LaunchConfig(t, r, w, s, m or None)
+                          for t in tiles for r in rows for w in warps for s in stages for m in caps]
     for shape in (s for s in SHAPES if s.name in args.shapes):
         t0 = time.time()
         q, k, v = (torch.randn(shape.batch, shape.height, shape.width, shape.heads, shape.head_dim, device="cuda",
