@@ -106,20 +106,22 @@ WARM_UP_STEPS = 5
 class PreparedStep(NamedTuple):
     run: Callable[[], object]  # one timed step
     peak_GiB: float
-    step: Callable[[], None]  # the eager step: a graph replays kernels on its model and tensors, keep them alive
+    step: Callable[[], None]  # the eager step; a graph replays kernels on its model and tensors
 
 
 def prepared_step(spec: str, batch: int, image_size: int, optimizer: str = "fused",
                   timing: str = "eager") -> PreparedStep:
     """The step of ``spec`` as ``timing`` runs it (warmed up), the GiB it allocated at its peak
     (model, optimizer state, the step's activations; a graph's memory is allocated while it is
-    captured) and the eager step it came from. ``timing="eager"`` runs the step as a training loop does; ``"graph"`` captures the
-    whole step (forward, loss, backward, AdamW with ``capturable=True``) in one CUDA graph and
-    replays it, which removes the host's launch overhead (PyTorch's whole-network capture);
-    ``"compiled"`` runs the eager loop on ``torch.compile(model)`` (inductor fuses the element-wise
-    ops around visattn's custom ops, so fewer launches); ``"compiled-graph"`` captures the step of
-    the compiled model in one CUDA graph: the GPU time of the compiled kernels, which a host-bound
-    compiled model does not reach in its eager loop."""
+    captured) and the eager step it came from.
+
+    ``timing="eager"`` runs the step as a training loop does; ``"graph"`` captures the whole step
+    (forward, loss, backward, AdamW with ``capturable=True``) in one CUDA graph and replays it,
+    which removes the host's launch overhead (PyTorch's whole-network capture); ``"compiled"`` runs
+    the eager loop on ``torch.compile(model)`` (inductor fuses the element-wise ops around visattn's
+    custom ops, so fewer launches); ``"compiled-graph"`` captures the step of the compiled model in
+    one CUDA graph: the GPU time of the compiled kernels, which a host-bound compiled model does not
+    reach in its eager loop."""
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     graph = timing in ("graph", "compiled-graph")
@@ -166,14 +168,15 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
             spread = "-".join(f"{m:.1f}" for m in (min(r["round_medians_ms"]), max(r["round_medians_ms"])))
             row.update({f"{timing} ms/step": f"{r['ms_per_step']:.1f}", f"{timing} rounds": spread,
                         f"{timing} img/s": f"{r['images_per_s']:.0f}",
-                        f"{timing} vs {specs[0]}": f"{r['images_per_s'] / first:.2f}x", f"{timing} peak GiB": f"{r['peak_GiB']:.1f}"})
+                        f"{timing} vs {specs[0]}": f"{r['images_per_s'] / first:.2f}x",
+                        f"{timing} peak GiB": f"{r['peak_GiB']:.1f}"})
         rows.append(row)
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "batch": batch, "image_size": image_size, "amp": "bfloat16",
-        "optimizer": f"AdamW({optimizer}=True)", "steps": steps, "rounds": rounds, "warm_up_steps": WARM_UP_STEPS,
-        "results": results,
+        "optimizer": f"AdamW({optimizer}=True)", "steps": steps, "rounds": rounds,
+        "warm_up_steps": WARM_UP_STEPS, "results": results,
     }
     print(f"training step (fwd+bwd+AdamW {optimizer}), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
     print(format_table(rows, list(rows[0])))
@@ -198,5 +201,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args.models, args.batch, args.image_size, args.out or None, args.optimizer, args.steps, args.timings, args.rounds)
+    run(args.models, args.batch, args.image_size, args.out or None, args.optimizer, args.steps, args.timings,
+        args.rounds)
     return 0
