@@ -472,7 +472,7 @@ class LaunchConfig:
 # 8x8), the dQ kernel 8x8 with 2 key rows (its rpb-gradient matmul needs >= 16 reduced rows);
 # 8x16 tiles stay for k >= 13 and windows. Capped registers (tools/tune_na.py, H200,
 # 2026-12-02): the 2-warp 4x8 forward at 72-88 (from 109 with rpb, 90 without; a few spills) fits
-# 10-14 programs per SM instead of 9, 5-9% faster at NAT-T / DiNAT-T stage 1 (88 and 80 with rpb,
+# 11-14 programs per SM instead of 9, 5-9% faster at NAT-T / DiNAT-T stage 1 (88 and 80 with rpb,
 # 72 without); the key-centric kernel at 128 (from 168 / 255) 3-4% faster; the dQ kernel's caps
 # (168, 128) were 10-40% slower.
 _C = LaunchConfig

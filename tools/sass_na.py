@@ -75,10 +75,9 @@ def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: 
             if values[p.name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=call.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": stages}
-    if cfg.max_registers:
-        options["maxnreg"] = cfg.max_registers
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    # The launch options the call passes (warps, a register cap), the stages asked for here.
+    options = {key: call.meta[key] for key in ("num_warps", "maxnreg") if key in call.meta}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**options, "num_stages": stages})
 
 
 def disassemble(compiled) -> str:
