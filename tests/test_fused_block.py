@@ -91,14 +91,33 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_forward_casts_the_linear_weights_in_one_copy_per_module():
+def test_fused_forward_casts_the_linear_weights_in_one_copy_per_block():
     """Under autocast the fused forward casts the attention's and the MLP's Linear parameters in one
-    multi-tensor copy each (not a cast each: host time), and nothing else of the block's."""
+    multi-tensor copy (not a cast each: host time), and nothing else of the block's."""
     block = _block().train()
     x = torch.randn(1, 6, 6, 32)
     with torch.autocast("cpu", dtype=torch.float16), _CountOps() as ops:
         block(x)
-    assert ops.counts["_foreach_copy_"] == 2 and ops.counts["_to_copy"] == 0, ops.counts
+    assert ops.counts["_foreach_copy_"] == 1 and ops.counts["_to_copy"] == 0, ops.counts
+
+
+def test_fused_block_adds_residuals_and_sums_columns_in_its_kernels():
+    """With layer scales and drop paths, the fused block's residual adds, drop-path and layer-scale
+    products run inside the LayerNorm kernels (no ATen element-wise op), and its column sums (norms,
+    layer scales, fc2's bias) are one reduction: the backward's ATen sums are that one, the biases
+    of fc1 / qkv / proj and the rpb gradient's."""
+    block = _block(layer_scale=0.1, drop_path=0.3).train()
+    x = torch.randn(2, 6, 6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16), _CountOps() as forward_ops:
+        out = block(x)
+    with _CountOps() as backward_ops:
+        out.backward(torch.ones_like(out))
+    elementwise = {"mul", "add", "div", "div_", "mul_", "add_", "sub"}
+    assert not elementwise & set(forward_ops.counts), forward_ops.counts
+    assert forward_ops.counts["bernoulli_"] == 2, forward_ops.counts
+    assert not elementwise & set(backward_ops.counts), backward_ops.counts
+    assert backward_ops.counts["sum"] == 5, backward_ops.counts
+    assert all(p.grad is not None for p in block.parameters())
 
 
 @pytest.mark.parametrize("case", ["off", "reference backend", "padding", "proj dropout", "mlp dropout",

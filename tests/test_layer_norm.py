@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visattn.kernels.layer_norm import layer_norm
+from visattn.kernels.layer_norm import (layer_norm, layer_norm_backward, layer_norm_forward, residual_backward,
+                                       residual_forward, row_programs)
 from visattn.layers import LayerNorm
 
 
@@ -185,3 +186,77 @@ def test_models_autocast_norm_output_changes_no_value(name):
     assert torch.equal(out_a, out_b)
     for a, b in zip(grads_a, grads_b):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def _aten_residual(x, branch, gamma, keep01, keep_prob):
+    """timm's ``x + DropPath(LayerScale(branch))`` on ATen ops, with the given 0/1 draw."""
+    t = branch if gamma is None else branch * gamma
+    if keep01 is not None:
+        t = t * keep01.div(keep_prob)
+    return x + t
+
+
+@pytest.mark.parametrize("branch_dtype, gamma_dtype", [(torch.float16, None), (torch.float16, torch.float32),
+                                                       (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("drop", [False, True])
+def test_residual_kernels_round_as_aten(branch_dtype, gamma_dtype, drop):
+    """The fused residual add (forward, with and without its LayerNorm; backward) gives bit for bit
+    what ATen gives for timm's layer scale and drop path (each product rounded to its dtype), and
+    the LayerNorm of the sum that layer_norm_forward gives; the column sums match ATen's sums."""
+    torch.manual_seed(0)
+    B, H, W, C = 3, 5, 7, 40  # ragged: rows and columns both masked in the last tile
+    x = torch.randn(B, H, W, C)
+    branch = torch.randn(B, H, W, C).to(branch_dtype)
+    gamma = None if gamma_dtype is None else (torch.rand(C) + 0.3).to(gamma_dtype)
+    t_dtype = branch_dtype if gamma is None else torch.promote_types(branch_dtype, gamma_dtype)
+    keep_prob = 0.7
+    keep = torch.tensor([1.0, 0.0, 1.0]).view(B, 1, 1, 1).to(t_dtype) if drop else None
+    scale = (torch.tensor(1.0) / torch.tensor(keep_prob)).item()
+    w, b = torch.randn(C), torch.randn(C)
+
+    x_r, branch_r = x.clone().requires_grad_(), branch.clone().requires_grad_()
+    gamma_r = None if gamma is None else gamma.clone().requires_grad_()
+    expected = _aten_residual(x_r, branch_r, gamma_r, keep, keep_prob)
+    s, out, rows, stats = residual_forward(x, branch, gamma, keep, scale if drop else 1.0,
+                                           (w, b, 1e-5, torch.float32))
+    assert s.dtype == expected.dtype and torch.equal(s, expected.detach())
+    out_ln, rows_ln, stats_ln = layer_norm_forward(s, w, b, 1e-5, torch.float32)
+    assert torch.equal(out, out_ln) and torch.equal(stats, stats_ln)
+    s_plain = residual_forward(x, branch, gamma, keep, scale if drop else 1.0)[0]
+    assert torch.equal(s_plain, s)
+
+    grad_s = torch.randn(B, H, W, C)
+    expected.backward(grad_s)
+    slots = 1 + (gamma is not None)
+    partial = torch.empty(slots, row_programs(B * H * W, C), C)
+    grad_x, grad_branch = residual_backward(grad_s, branch_dtype, branch, gamma, keep, scale if drop else 1.0,
+                                            partial, branch_sum=True)
+    assert grad_x is grad_s and grad_branch.dtype == branch_dtype and torch.equal(grad_branch, branch_r.grad)
+    sums = partial.sum(1)
+    torch.testing.assert_close(sums[-1], grad_branch.float().sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    if gamma is not None:
+        torch.testing.assert_close(sums[0].to(t_dtype).to(gamma_dtype), gamma_r.grad, rtol=1e-3, atol=1e-3)
+
+    # With the LayerNorm: its backward plus grad_s, then the branch gradient of that.
+    grad_out = torch.randn(B, H, W, C)
+    dx_ln, dw, db = layer_norm_backward(grad_out, rows, w, stats, s.shape, b.dtype, grad_residual=grad_s)
+    partial = torch.empty(2 + (gamma is not None), row_programs(B * H * W, C), C)
+    grad_x, grad_branch = residual_backward(grad_s, branch_dtype, branch, gamma, keep, scale if drop else 1.0,
+                                            partial, norm=(grad_out, rows, w, stats))
+    assert torch.equal(grad_x, dx_ln)
+    branch_r.grad = None
+    _aten_residual(x_r, branch_r, gamma_r, keep, keep_prob).backward(dx_ln)
+    assert torch.equal(grad_branch, branch_r.grad)
+    torch.testing.assert_close(partial[:2].sum(1), torch.stack((dw, db)))
+
+
+def test_residual_kernels_refuse_bad_input():
+    x, branch = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="keep must hold 2 draws in torch.float32"):
+        residual_forward(x, branch, None, torch.ones(3, 1, 1), 1.0)
+    with pytest.raises(ValueError, match="branch must have x's shape"):
+        residual_forward(x, branch[:, :3], None, None, 1.0)
+    with pytest.raises(ValueError, match="partial must be a contiguous fp32"):
+        residual_backward(x, torch.float32, None, None, None, 1.0, torch.empty(2, 1, 8), branch_sum=True)
+    with pytest.raises(ValueError, match="needs the forward's branch"):
+        residual_backward(x, torch.float32, None, torch.ones(8), None, 1.0, None)

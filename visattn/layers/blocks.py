@@ -10,9 +10,10 @@ from timm.layers import DropPath, LayerScale, Mlp
 from visattn.kernels import depthwise_conv2d_nhwc
 from visattn.kernels.layer_norm import triton_supports
 from visattn.kernels._checks import autocast_dtype
-from visattn.layers.fused_block import (Tape, depthwise_conv_backward, depthwise_conv_forward, fused_block_apply,
-                                        layer_norm_backward, layer_norm_forward, mlp_backward, mlp_forward,
-                                        mlp_supported, residual_backward, residual_forward)
+from visattn.layers.fused_block import (ColumnSums, Tape, depthwise_conv_backward, depthwise_conv_forward,
+                                        fused_block_apply, layer_norm_backward, layer_norm_forward, linear_parameters,
+                                        mlp_backward, mlp_forward, mlp_supported, residual_backward,
+                                        residual_forward, residual_layer_norm_backward, residual_layer_norm_forward)
 from visattn.layers.norm import LayerNorm
 
 # A leaf for torch.fx in this module's traced code (the position conv: shape checks, a Triton
@@ -138,25 +139,38 @@ class NHWCTransformerBlock(nn.Module):
     @torch.jit.ignore
     def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
         """:meth:`residual_branches` without autograd, saving what :meth:`fused_backward` needs."""
-        n1, n2 = self.norm1, self.norm2
+        n1, n2, mlp = self.norm1, self.norm2, self.mlp
+        tape.precast(*linear_parameters(*self.attn.fused_linears(), mlp.fc1, mlp.fc2))
         if self.pos_embed is not None:
             x = depthwise_conv_forward(tape, x, self.pos_embed.weight, self.pos_embed.bias, x)
         h = layer_norm_forward(tape, x, n1.weight, n1.bias, n1.eps, n1.autocast_output)
-        x = residual_forward(tape, x, self.attn.fused_forward(tape, h), *self._residual_args(self.ls1, self.drop_path1))
-        h = layer_norm_forward(tape, x, n2.weight, n2.bias, n2.eps, n2.autocast_output)
-        return residual_forward(tape, x, mlp_forward(tape, self.mlp, h), *self._residual_args(self.ls2, self.drop_path2))
+        x, h = residual_layer_norm_forward(tape, x, self.attn.fused_forward(tape, h),
+                                           *self._residual_args(self.ls1, self.drop_path1),
+                                           n2.weight, n2.bias, n2.eps, n2.autocast_output)
+        return residual_forward(tape, x, mlp_forward(tape, mlp, h), *self._residual_args(self.ls2, self.drop_path2))
 
     @torch.jit.ignore
     def fused_backward(self, tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
         """``(grad_x, gradients of fused_parameters())`` from the output's gradient."""
-        grad_x, grad_m, d_gamma2 = residual_backward(tape, grad)
-        grad_h, mlp_grads = mlp_backward(tape, grad_m)
-        grad_x, d_n2w, d_n2b = layer_norm_backward(tape, grad_h, grad_x)
-        grad_x, grad_a, d_gamma1 = residual_backward(tape, grad_x)
+        fc2_bias = self.mlp.fc2.bias
+        sums = ColumnSums(grad, 7)  # fc2's bias, the norms' weights and biases, the layer scales
+        grad_x, grad_m = residual_backward(tape, grad, sums, None if fc2_bias is None else fc2_bias.dtype)
+        grad_h, mlp_grads = mlp_backward(tape, grad_m, fc2_bias_grad=False)
+        grad_x, grad_a = residual_layer_norm_backward(tape, grad_h, grad_x, sums)
         grad_h, attn_grads = self.attn.fused_backward(tape, grad_a)
-        grad_x, d_n1w, d_n1b = layer_norm_backward(tape, grad_h, grad_x)
+        grad_x, _, _ = layer_norm_backward(tape, grad_h, grad_x, sums)
         pos_grads = ()
         if self.pos_embed is not None:
             grad_conv, d_pos_w, d_pos_b, grad_x = depthwise_conv_backward(tape, grad_x)
             grad_x, pos_grads = grad_x + grad_conv, (d_pos_w, d_pos_b)
-        return grad_x, (*pos_grads, d_n1w, d_n1b, *attn_grads, d_gamma1, d_n2w, d_n2b, *mlp_grads, d_gamma2)
+        # The slots in the order taken: residual 2 (gamma2, fc2's bias), norm 2, gamma1, norm 1.
+        column_sums = sums.reduce()
+        has_gamma = [isinstance(ls, LayerScale) for ls in (self.ls1, self.ls2)]
+        d_gamma2 = column_sums.pop(0) if has_gamma[1] else None
+        d_b2 = column_sums.pop(0) if fc2_bias is not None else None
+        d_n2w, d_n2b = column_sums.pop(0), column_sums.pop(0)
+        d_gamma1 = column_sums.pop(0) if has_gamma[0] else None
+        d_n1w, d_n1b = column_sums
+        d_w1, d_b1, d_w2, _ = mlp_grads
+        return grad_x, (*pos_grads, d_n1w, d_n1b, *attn_grads, d_gamma1, d_n2w, d_n2b, d_w1, d_b1, d_w2, d_b2,
+                        d_gamma2)

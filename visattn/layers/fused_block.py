@@ -16,11 +16,17 @@ autocast computes in the autocast dtype and returns its weight gradients in the 
 CUDA those come straight from the fp32 accumulators, where autograd rounds them to the autocast
 dtype first).
 Modules that support the fused path implement ``fused_forward(tape, x)`` /
-``fused_backward(tape, grad) -> (grad_x, param_grads)`` with these pairs and list their
-parameters in ``fused_parameters()`` (the order of ``param_grads``; ``None`` for absent ones).
+``fused_backward(tape, grad) -> (grad_x, param_grads)`` with these pairs, list their
+parameters in ``fused_parameters()`` (the order of ``param_grads``; ``None`` for absent ones)
+and the Linears they run in ``fused_linears()`` (whose parameters the block casts in one copy).
+The residual adds, with their drop paths and layer scales, run in the LayerNorm kernels (the
+second norm's forward adds the first residual; its backward computes the branch's gradient),
+and the column sums of the backward (norm, layer-scale and the MLP's last bias gradients) are
+partial sums that one reduction per block finishes (:class:`ColumnSums`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +36,9 @@ from timm.layers import Mlp
 from visattn.kernels._checks import IntOrTuple, autocast_dtype, check_na_args
 from visattn.kernels.layer_norm import layer_norm_backward as _ln_backward
 from visattn.kernels.layer_norm import layer_norm_forward as _ln_forward
+from visattn.kernels.layer_norm import residual_backward as _residual_backward
+from visattn.kernels.layer_norm import residual_forward as _residual_forward
+from visattn.kernels.layer_norm import row_programs
 
 try:
     from visattn.kernels.depthwise_conv import depthwise_conv_backward as _dwconv_backward
@@ -39,8 +48,9 @@ try:
 except ImportError:  # triton ships with torch's Linux builds only; the blocks then never take this path
     na_forward = na_packed_backward = region_topk_2d_triton = routed_forward = routed_backward = None
 
-__all__ = ["Tape", "fused_block_apply", "linear_forward", "linear_backward", "layer_norm_forward",
+__all__ = ["Tape", "ColumnSums", "fused_block_apply", "linear_parameters", "linear_forward", "linear_backward", "layer_norm_forward",
            "layer_norm_backward", "gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
+           "residual_layer_norm_forward", "residual_layer_norm_backward",
            "mlp_forward", "mlp_backward", "mlp_supported", "dropout_inactive", "na_qkv_forward", "na_qkv_backward",
            "depthwise_conv_forward", "depthwise_conv_backward", "routed_qkv_forward", "routed_qkv_backward"]
 
@@ -57,9 +67,10 @@ class Tape:
         self._casts: Dict[int, torch.Tensor] = {}  # id(parameter) -> its copy in compute_dtype
 
     def precast(self, *tensors: Optional[torch.Tensor]) -> None:
-        """Cast the ``tensors`` (parameters the block's Linears will use) that are not in the
-        compute dtype, in one allocation and one multi-tensor copy instead of a cast each (each
-        cast is an allocation and a launch on the host); :meth:`cast` then returns them."""
+        """Cast the ``tensors`` (parameters the block's Linears will use, see
+        :func:`linear_parameters`) that are not in the compute dtype, in one allocation and one
+        multi-tensor copy instead of a cast each (each cast is an allocation and a launch on the
+        host); :meth:`cast` then returns them."""
         dtype = self.compute_dtype
         todo = [t for t in tensors if t is not None and dtype is not None and t.dtype != dtype]
         if not todo:
@@ -90,6 +101,42 @@ class Tape:
         return self.constants.pop()
 
 
+class ColumnSums:
+    """Gradients that are column sums over all rows of a block's ``[M, C]`` maps (LayerNorm
+    weights and biases, layer scales, the bias of the MLP's last Linear), which the row kernels of
+    the block's backward compute as per-program partial sums into slots of one fp32 buffer: one
+    reduction at the end sums them all (one launch per block instead of one per gradient).
+
+    ``take(*finishes)`` hands out the next slots, one per gradient, each with the dtypes its sum is
+    cast through (``()`` for fp32 as it is, ``None`` for a sum nobody wants); ``reduce()`` returns
+    the gradients in the order they were taken.
+    """
+
+    def __init__(self, like: torch.Tensor, max_slots: int):
+        C = like.shape[-1]
+        self.partials = torch.empty((max_slots, row_programs(like.numel() // C, C), C), dtype=torch.float32,
+                                    device=like.device)
+        self.finishes: List[Optional[Tuple[torch.dtype, ...]]] = []
+
+    def take(self, *finishes: Optional[Tuple[torch.dtype, ...]]) -> Optional[torch.Tensor]:
+        """The partial-sum slots (``[len(finishes), programs, C]``) for the next gradients."""
+        first = len(self.finishes)
+        if first + len(finishes) > self.partials.shape[0]:
+            raise RuntimeError(f"ColumnSums holds {self.partials.shape[0]} slots, {first + len(finishes)} taken")
+        self.finishes.extend(finishes)
+        return self.partials[first:first + len(finishes)] if finishes else None
+
+    def reduce(self) -> List[Optional[torch.Tensor]]:
+        sums = self.partials[:len(self.finishes)].sum(1).unbind(0)
+        out = []
+        for total, finish in zip(sums, self.finishes):
+            if finish is not None:
+                for dtype in finish:
+                    total = _cast(total, dtype)
+            out.append(None if finish is None else total)
+        return out
+
+
 _HALF = (torch.float16, torch.bfloat16)
 # torch.mm(..., out_dtype=torch.float32) on half-precision CUDA inputs: torch >= 2.8.
 _MM_FP32_OUT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
@@ -97,6 +144,11 @@ _MM_FP32_OUT = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def linear_parameters(*linears: torch.nn.Linear) -> List[Optional[torch.Tensor]]:
+    """The weights and biases of ``linears``, for one :meth:`Tape.precast` of a whole block."""
+    return [p for linear in linears for p in (linear.weight, linear.bias)]
 
 
 def linear_forward(tape: Tape, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -109,10 +161,14 @@ def linear_forward(tape: Tape, x: torch.Tensor, weight: torch.Tensor, bias: Opti
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_forward`, each in its input's dtype."""
+def linear_backward(tape: Tape, grad: torch.Tensor, bias_grad: bool = True
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`linear_forward`, each in its input's dtype;
+    ``bias_grad=False``: ``grad_bias`` is ``None`` (the caller sums ``grad`` elsewhere)."""
     rows, w_c = tape.load(2)
     x_shape, x_dtype, w_dtype, b_dtype = tape.pop()
+    if not bias_grad:
+        b_dtype = None
     g = _cast(grad, rows.dtype).reshape(-1, w_c.shape[0])
     grad_x = torch.mm(g, w_c).view(x_shape)
     if _MM_FP32_OUT and rows.is_cuda and rows.dtype in _HALF and w_dtype == torch.float32:
@@ -126,32 +182,47 @@ def linear_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, torch
     return _cast(grad_x, x_dtype), grad_w, grad_b
 
 
+def _norm_args(tape: Tape, x_dtype: torch.dtype, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               autocast_output: bool) -> tuple:
+    # Under autocast LayerNorm runs in fp32 from fp32 weights: fp32 out, or the compute dtype with
+    # autocast_output (the norm's output then only feeds ops autocast casts to it).
+    dtype = tape.compute_dtype
+    if dtype is None:
+        return weight, bias, x_dtype
+    return _cast(weight, torch.float32), _cast(bias, torch.float32), dtype if autocast_output else torch.float32
+
+
+def _save_norm(tape: Tape, rows: torch.Tensor, weight: Optional[torch.Tensor], stats: torch.Tensor,
+               x_shape: torch.Size, bias: Optional[torch.Tensor]) -> None:
+    tape.save(rows, weight, stats)
+    tape.keep((x_shape, None if weight is None else weight.dtype, None if bias is None else bias.dtype))
+
+
 def layer_norm_forward(tape: Tape, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        eps: float, autocast_output: bool) -> torch.Tensor:
     """:func:`visattn.kernels.layer_norm` on the Triton kernels, over the last axis: under
     autocast fp32 out (or the compute dtype with ``autocast_output``) from fp32 weights."""
-    dtype = tape.compute_dtype
-    if dtype is None:
-        out_dtype = x.dtype
-    else:
-        out_dtype = dtype if autocast_output else torch.float32
-        weight, bias = _cast(weight, torch.float32), _cast(bias, torch.float32)
+    weight, bias, out_dtype = _norm_args(tape, x.dtype, weight, bias, autocast_output)
     out, rows, stats = _ln_forward(x, weight, bias, eps, out_dtype)
-    tape.save(rows, weight, stats)
-    tape.keep((x.shape, None if weight is None else weight.dtype, None if bias is None else bias.dtype))
+    _save_norm(tape, rows, weight, stats, x.shape, bias)
     return out
 
 
-def layer_norm_backward(tape: Tape, grad: torch.Tensor, grad_residual: Optional[torch.Tensor] = None
+def layer_norm_backward(tape: Tape, grad: torch.Tensor, grad_residual: Optional[torch.Tensor] = None,
+                        sums: Optional[ColumnSums] = None
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(grad_x, grad_weight, grad_bias)``; ``grad_residual`` (the gradient the input also gets
-    through a residual connection, in ``x``'s shape) is added to ``grad_x`` in the kernel."""
+    through a residual connection, in ``x``'s shape) is added to ``grad_x`` in the kernel. With
+    ``sums`` the weight and bias gradients are two slots of it (and ``None`` here)."""
     rows, weight, stats = tape.load(3)
     x_shape, w_dtype, b_dtype = tape.pop()
     if grad_residual is not None and (grad_residual.dtype != rows.dtype or not grad_residual.is_contiguous()):
         grad_residual = grad_residual.to(rows.dtype).contiguous()
+    partial = None
+    if sums is not None:
+        partial = sums.take(None if w_dtype is None else (w_dtype,), None if b_dtype is None else (b_dtype,))
     return _ln_backward(grad, rows, weight, stats, x_shape, b_dtype, w_dtype is not None, b_dtype is not None,
-                        grad_residual)
+                        grad_residual, partial)
 
 
 def gelu_forward(tape: Tape, x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -166,49 +237,105 @@ def gelu_backward(tape: Tape, grad: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(_cast(grad, x.dtype), x, approximate=tape.pop())
 
 
+def _scaled_dtype(branch: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.dtype:
+    # The dtype of ``branch * gamma`` (ATen's promotion), which the drop path keeps.
+    return branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_scale(keep_prob: float) -> float:
+    # What timm's ``keep.div_(keep_prob)`` makes a kept sample's 1: ATen divides in fp32.
+    return (torch.tensor(1.0) / torch.tensor(keep_prob, dtype=torch.float32)).item()
+
+
+def _draw_keep(tape: Tape, branch: torch.Tensor, gamma: Optional[torch.Tensor], drop_prob: float,
+               scale_by_keep: bool) -> Tuple[Optional[torch.Tensor], float]:
+    # timm's DropPath draw: bernoulli_ on a [B, 1, ...] tensor of the branch's (scaled) dtype, the
+    # same draw as the modular path's; the scaling is left to the kernel.
+    if drop_prob <= 0.0:
+        return None, 1.0
+    keep_prob = 1.0 - drop_prob
+    keep = torch.empty((branch.shape[0],) + (1,) * (branch.dim() - 1), dtype=_scaled_dtype(branch, gamma),
+                       device=branch.device)
+    keep.bernoulli_(keep_prob)
+    return keep, (_keep_scale(keep_prob) if keep_prob > 0.0 and scale_by_keep else 1.0)
+
+
+def _save_residual(tape: Tape, branch: torch.Tensor, gamma: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                   keep_scale: float) -> None:
+    tape.save(branch if gamma is not None else None, gamma, keep)
+    tape.keep((branch.dtype, keep_scale))
+
+
 def residual_forward(tape: Tape, x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tensor],
                      drop_prob: float, scale_by_keep: bool = True) -> torch.Tensor:
-    """``x + drop_path(branch * gamma)`` as timm's ``LayerScale`` and ``DropPath`` compute it
-    (``gamma`` ``[C]`` or ``None``; ``drop_prob`` 0 outside training), the same products in the
-    same dtypes, and the same random draw per sample."""
-    t = branch if gamma is None else branch * gamma
-    keep = None
-    if drop_prob > 0.0:
-        keep_prob = 1.0 - drop_prob
-        keep = t.new_empty((t.shape[0],) + (1,) * (t.dim() - 1)).bernoulli_(keep_prob)
-        if keep_prob > 0.0 and scale_by_keep:
-            keep.div_(keep_prob)
-        t = t * keep
-    tape.save(branch if gamma is not None else None, gamma, keep)
-    tape.keep((x.dtype, branch.dtype, t.dtype))
-    return x + t
+    """``x + drop_path(branch * gamma)`` as timm's ``LayerScale`` and ``DropPath`` compute it (the
+    same products rounded to the same dtypes, the same random draw per sample; ``gamma`` ``[C]`` or
+    ``None``; ``drop_prob`` 0 outside training), in one kernel after the draw."""
+    keep, keep_scale = _draw_keep(tape, branch, gamma, drop_prob, scale_by_keep)
+    s = _residual_forward(x, branch, gamma, keep, keep_scale)[0]
+    _save_residual(tape, branch, gamma, keep, keep_scale)
+    return s
 
 
-def residual_backward(tape: Tape, grad: torch.Tensor
-                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(grad_x, grad_branch, grad_gamma)`` of :func:`residual_forward`."""
+def residual_backward(tape: Tape, grad: torch.Tensor, sums: ColumnSums, bias_dtype: Optional[torch.dtype]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_branch)`` of :func:`residual_forward`; ``gamma``'s gradient and, with
+    ``bias_dtype``, the column sums of ``grad_branch`` (the gradient of a bias added last in the
+    branch, in ``bias_dtype``) are slots of ``sums``."""
+    return _residual_backward_from(tape, grad, sums, bias_dtype)
+
+
+def residual_layer_norm_forward(tape: Tape, x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tensor],
+                                drop_prob: float, scale_by_keep: bool, weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], eps: float, autocast_output: bool
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + drop_path(branch * gamma)`` (:func:`residual_forward`) and ``layer_norm(s)``
+    (:func:`layer_norm_forward`) in one kernel: ``(s, normed s)``."""
+    keep, keep_scale = _draw_keep(tape, branch, gamma, drop_prob, scale_by_keep)
+    s_dtype = torch.promote_types(x.dtype, _scaled_dtype(branch, gamma))
+    weight, bias, out_dtype = _norm_args(tape, s_dtype, weight, bias, autocast_output)
+    s, out, rows, stats = _residual_forward(x, branch, gamma, keep, keep_scale, (weight, bias, eps, out_dtype))
+    _save_residual(tape, branch, gamma, keep, keep_scale)
+    _save_norm(tape, rows, weight, stats, s.shape, bias)
+    return s, out
+
+
+def residual_layer_norm_backward(tape: Tape, grad: torch.Tensor, grad_s: torch.Tensor, sums: ColumnSums
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_branch)`` of :func:`residual_layer_norm_forward` from the normed output's
+    gradient ``grad`` and the gradient ``grad_s`` that ``s`` gets from its other uses; the
+    LayerNorm's weight and bias gradients and ``gamma``'s are slots of ``sums``."""
+    rows, weight, stats = tape.load(3)
+    _, w_dtype, b_dtype = tape.pop()
+    norm_finishes = (None if w_dtype is None else (w_dtype,), None if b_dtype is None else (b_dtype,))
+    return _residual_backward_from(tape, grad_s, sums, None, (grad, rows, weight, stats), norm_finishes)
+
+
+def _residual_backward_from(tape: Tape, grad_s: torch.Tensor, sums: ColumnSums, bias_dtype: Optional[torch.dtype],
+                            norm: Optional[tuple] = None, norm_finishes: tuple = ()
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     branch, gamma, keep = tape.load(3)
-    x_dtype, branch_dtype, t_dtype = tape.pop()
-    g = _cast(grad, t_dtype)
-    if keep is not None:
-        g = g * keep
-    grad_gamma = None
-    if gamma is not None:
-        grad_gamma = _cast((g * branch).sum(tuple(range(g.dim() - 1))), gamma.dtype)
-        g = g * gamma
-    return _cast(grad, x_dtype), _cast(g, branch_dtype), grad_gamma
+    branch_dtype, keep_scale = tape.pop()
+    finishes = list(norm_finishes)  # the kernel's slots: the LayerNorm's, gamma's, the bias's
+    if gamma is not None:  # ATen sums the products in their dtype T, then casts to gamma's
+        finishes.append((torch.promote_types(branch_dtype, gamma.dtype), gamma.dtype))
+    if bias_dtype is not None:
+        finishes.append((bias_dtype,))
+    return _residual_backward(grad_s, branch_dtype, branch, gamma, keep, keep_scale, sums.take(*finishes),
+                              bias_dtype is not None, norm)
 
 
 def mlp_forward(tape: Tape, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``Mlp`` (``fc1``, GELU, ``fc2``; no norm, no active dropout): see :func:`mlp_supported`."""
-    tape.precast(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     h = gelu_forward(tape, linear_forward(tape, x, mlp.fc1.weight, mlp.fc1.bias), mlp.act.approximate)
     return linear_forward(tape, h, mlp.fc2.weight, mlp.fc2.bias)
 
 
-def mlp_backward(tape: Tape, grad: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
-    """``(grad_x, (fc1.weight, fc1.bias, fc2.weight, fc2.bias) grads)``."""
-    g, d_w2, d_b2 = linear_backward(tape, grad)
+def mlp_backward(tape: Tape, grad: torch.Tensor, fc2_bias_grad: bool = True) -> Tuple[torch.Tensor, tuple]:
+    """``(grad_x, (fc1.weight, fc1.bias, fc2.weight, fc2.bias) grads)``; ``fc2_bias_grad=False``:
+    ``fc2.bias``'s is ``None`` (the caller sums ``grad`` elsewhere)."""
+    g, d_w2, d_b2 = linear_backward(tape, grad, fc2_bias_grad)
     g, d_w1, d_b1 = linear_backward(tape, gelu_backward(tape, g))
     return g, (d_w1, d_b1, d_w2, d_b2)
 

@@ -109,9 +109,12 @@ class NeighborhoodAttention2d(nn.Module):
         return self.qkv.weight, self.qkv.bias, self.rpb, self.proj.weight, self.proj.bias
 
     @torch.jit.ignore
+    def fused_linears(self) -> tuple:
+        return self.qkv, self.proj
+
+    @torch.jit.ignore
     def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        tape.precast(self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
         qkv = linear_forward(tape, x, self.qkv.weight, self.qkv.bias).view(B, H, W, 3, self.num_heads, self.head_dim)
         out = na_qkv_forward(tape, qkv, self.kernel_size, self.dilation, self.stride, self.rpb, self.scale)
         return linear_forward(tape, out.view(B, H, W, C), self.proj.weight, self.proj.bias)

@@ -121,9 +121,12 @@ class BiLevelRoutingAttention(nn.Module):
         return self.qkv.weight, self.qkv.bias, self.lepe.weight, self.lepe.bias, self.wo.weight, self.wo.bias
 
     @torch.jit.ignore
+    def fused_linears(self) -> tuple:
+        return self.qkv, self.wo
+
+    @torch.jit.ignore
     def fused_forward(self, tape: Tape, x: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
-        tape.precast(self.qkv.weight, self.qkv.bias, self.wo.weight, self.wo.bias)
         qkv = linear_forward(tape, x, self.qkv.weight, self.qkv.bias)
         out = routed_qkv_forward(tape, qkv, (self.qk_dim, self.qk_dim, C), self.num_heads, (self.n_win, self.n_win),
                                  self.topk, self.scale)
