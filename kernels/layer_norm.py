@@ -113,6 +113,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+# Both kernels are compiled without FMA contraction: ATen rounds each product of the residual
+# branch before the add, which a fused multiply-add would not (and the norm then reads the same
+# sum whichever kernel computed it).
 def _fwd_call(M: int, C: int, stride_x: int, stride_branch: int, rows_per_sample: int, keep_scale: float,
               eps: float, flags: tuple) -> KernelCall:
     has_branch, has_gamma, has_keep, t_fp32, norm, has_weight, has_bias = flags
@@ -120,7 +123,8 @@ def _fwd_call(M: int, C: int, stride_x: int, stride_branch: int, rows_per_sample
     return KernelCall(_layer_norm_fwd, (triton.cdiv(M, block_m),),
                       (M, C, stride_x, stride_branch, C, rows_per_sample, keep_scale, eps),
                       dict(HAS_BRANCH=has_branch, HAS_GAMMA=has_gamma, HAS_KEEP=has_keep, T_FP32=t_fp32, NORM=norm,
-                           HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n))
+                           HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+                           enable_fp_fusion=False))
 
 
 def _bwd_call(M: int, C: int, stride_x: int, stride_dy: int, stride_branch: int, rows_per_sample: int,
@@ -134,7 +138,7 @@ def _bwd_call(M: int, C: int, stride_x: int, stride_dy: int, stride_branch: int,
                       dict(NORM=norm, HAS_WEIGHT=has_weight, HAS_RESIDUAL=has_residual, WRITE_DX=write_dx,
                            HAS_BRANCH=has_branch, HAS_GAMMA=has_gamma, HAS_KEEP=has_keep, T_FP32=t_fp32,
                            BRANCH_SUM=branch_sum, GAMMA_SLOT=gamma_slot, BRANCH_SLOT=gamma_slot + has_gamma,
-                           BLOCK_M=block_m, BLOCK_N=block_n))
+                           BLOCK_M=block_m, BLOCK_N=block_n, enable_fp_fusion=False))
 
 
 # The launches of each row geometry (forward, backward).

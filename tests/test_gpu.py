@@ -372,6 +372,17 @@ def test_hat_golden_on_cuda_with_the_inference_kernels():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("branch_dtype, gamma_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                                       (torch.bfloat16, torch.bfloat16), (torch.float32, None)])
+def test_residual_kernels_round_as_aten_on_cuda(branch_dtype, gamma_dtype):
+    """The fused blocks' residual kernels, bit-exact with ATen's timm ops in bf16 on CUDA (DiNAT-T
+    stage-1 rows; the CPU interpreter cannot run bf16)."""
+    from test_layer_norm import check_residual_kernels
+
+    for drop in (False, True):
+        check_residual_kernels(branch_dtype, gamma_dtype, drop, "cuda", shape=(4, 56, 56, 64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layer_norm_kernels_on_cuda(dtype):
     """The Triton LayerNorm forward and backward against autograd through F.layer_norm on CUDA

@@ -200,19 +200,24 @@ def _aten_residual(x, branch, gamma, keep01, keep_prob):
                                                        (torch.float32, torch.float32), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("drop", [False, True])
 def test_residual_kernels_round_as_aten(branch_dtype, gamma_dtype, drop):
+    check_residual_kernels(branch_dtype, gamma_dtype, drop, "cpu")
+
+
+def check_residual_kernels(branch_dtype, gamma_dtype, drop, device, shape=(3, 5, 7, 40)):
     """The fused residual add (forward, with and without its LayerNorm; backward) gives bit for bit
     what ATen gives for timm's layer scale and drop path (each product rounded to its dtype), and
-    the LayerNorm of the sum that layer_norm_forward gives; the column sums match ATen's sums."""
+    the LayerNorm of the sum that layer_norm_forward gives; the column sums match ATen's sums.
+    (Also run on CUDA in bf16 by tests/test_gpu.py.)"""
     torch.manual_seed(0)
-    B, H, W, C = 3, 5, 7, 40  # ragged: rows and columns both masked in the last tile
-    x = torch.randn(B, H, W, C)
-    branch = torch.randn(B, H, W, C).to(branch_dtype)
-    gamma = None if gamma_dtype is None else (torch.rand(C) + 0.3).to(gamma_dtype)
+    B, H, W, C = shape  # the default is ragged: rows and columns both masked in the last tile
+    x = torch.randn(B, H, W, C, device=device)
+    branch = torch.randn(B, H, W, C, device=device).to(branch_dtype)
+    gamma = None if gamma_dtype is None else (torch.rand(C, device=device) + 0.3).to(gamma_dtype)
     t_dtype = branch_dtype if gamma is None else torch.promote_types(branch_dtype, gamma_dtype)
     keep_prob = 0.7
-    keep = torch.tensor([1.0, 0.0, 1.0]).view(B, 1, 1, 1).to(t_dtype) if drop else None
+    keep = (torch.arange(B, device=device) % 2 == 0).view(B, 1, 1, 1).to(t_dtype) if drop else None
     scale = (torch.tensor(1.0) / torch.tensor(keep_prob)).item()
-    w, b = torch.randn(C), torch.randn(C)
+    w, b = torch.randn(C, device=device), torch.randn(C, device=device)
 
     x_r, branch_r = x.clone().requires_grad_(), branch.clone().requires_grad_()
     gamma_r = None if gamma is None else gamma.clone().requires_grad_()
@@ -225,22 +230,23 @@ def test_residual_kernels_round_as_aten(branch_dtype, gamma_dtype, drop):
     s_plain = residual_forward(x, branch, gamma, keep, scale if drop else 1.0)[0]
     assert torch.equal(s_plain, s)
 
-    grad_s = torch.randn(B, H, W, C)
+    grad_s = torch.randn(B, H, W, C, device=device)
     expected.backward(grad_s)
     slots = 1 + (gamma is not None)
-    partial = torch.empty(slots, row_programs(B * H * W, C), C)
+    partial = torch.empty(slots, row_programs(B * H * W, C), C, device=device)
     grad_x, grad_branch = residual_backward(grad_s, branch_dtype, branch, gamma, keep, scale if drop else 1.0,
                                             partial, branch_sum=True)
     assert grad_x is grad_s and grad_branch.dtype == branch_dtype and torch.equal(grad_branch, branch_r.grad)
     sums = partial.sum(1)
-    torch.testing.assert_close(sums[-1], grad_branch.float().sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums[-1], grad_branch.float().sum((0, 1, 2)), rtol=1e-4, atol=1e-3)
     if gamma is not None:
-        torch.testing.assert_close(sums[0].to(t_dtype).to(gamma_dtype), gamma_r.grad, rtol=1e-3, atol=1e-3)
+        tol = 1e-3 if t_dtype == torch.float32 else 1e-2  # fp32 sums in other orders, then rounded to T
+        torch.testing.assert_close(sums[0].to(t_dtype).to(gamma_dtype), gamma_r.grad, rtol=tol, atol=tol)
 
     # With the LayerNorm: its backward plus grad_s, then the branch gradient of that.
-    grad_out = torch.randn(B, H, W, C)
+    grad_out = torch.randn(B, H, W, C, device=device)
     dx_ln, dw, db = layer_norm_backward(grad_out, rows, w, stats, s.shape, b.dtype, grad_residual=grad_s)
-    partial = torch.empty(2 + (gamma is not None), row_programs(B * H * W, C), C)
+    partial = torch.empty(2 + (gamma is not None), row_programs(B * H * W, C), C, device=device)
     grad_x, grad_branch = residual_backward(grad_s, branch_dtype, branch, gamma, keep, scale if drop else 1.0,
                                             partial, norm=(grad_out, rows, w, stats))
     assert torch.equal(grad_x, dx_ln)
