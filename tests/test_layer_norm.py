@@ -226,7 +226,8 @@ def check_residual_kernels(branch_dtype, gamma_dtype, drop, device, shape=(3, 5,
                                            (w, b, 1e-5, torch.float32))
     assert s.dtype == expected.dtype and torch.equal(s, expected.detach())
     out_ln, rows_ln, stats_ln = layer_norm_forward(s, w, b, 1e-5, torch.float32)
-    assert torch.equal(out, out_ln) and torch.equal(stats, stats_ln)
+    # The norm itself only to fp32 rounding: the kernels' layouts (and so their sums' order) follow their loads' dtypes.
+    torch.testing.assert_close((out, stats), (out_ln, stats_ln), rtol=1e-6, atol=1e-5)
     s_plain = residual_forward(x, branch, gamma, keep, scale if drop else 1.0)[0]
     assert torch.equal(s_plain, s)
 
@@ -249,11 +250,11 @@ def check_residual_kernels(branch_dtype, gamma_dtype, drop, device, shape=(3, 5,
     partial = torch.empty(2 + (gamma is not None), row_programs(B * H * W, C), C, device=device)
     grad_x, grad_branch = residual_backward(grad_s, branch_dtype, branch, gamma, keep, scale if drop else 1.0,
                                             partial, norm=(grad_out, rows, w, stats))
-    assert torch.equal(grad_x, dx_ln)
+    torch.testing.assert_close(grad_x, dx_ln, rtol=1e-6, atol=1e-5)  # fp32 rounding, as the forward's norm
     branch_r.grad = None
-    _aten_residual(x_r, branch_r, gamma_r, keep, keep_prob).backward(dx_ln)
+    _aten_residual(x_r, branch_r, gamma_r, keep, keep_prob).backward(grad_x)
     assert torch.equal(grad_branch, branch_r.grad)
-    torch.testing.assert_close(partial[:2].sum(1), torch.stack((dw, db)))
+    torch.testing.assert_close(partial[:2].sum(1), torch.stack((dw, db)), rtol=1e-4, atol=1e-3)  # summed in other orders
 
 
 def test_residual_kernels_refuse_bad_input():
