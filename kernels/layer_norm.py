@@ -164,9 +164,10 @@ def layer_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     return out, rows, stats
 
 
-def _branch_dtype(branch: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.dtype:
-    # The dtype of ``branch * gamma`` (ATen's promotion), in which the drop path's products are rounded.
-    return branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
+def scaled_dtype(branch_dtype: torch.dtype, gamma_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype T of ``branch * gamma`` (ATen's promotion; the branch's without ``gamma``), in which
+    timm's drop path draws and rounds its products."""
+    return branch_dtype if gamma_dtype is None else torch.promote_types(branch_dtype, gamma_dtype)
 
 
 def residual_forward(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torch.Tensor],
@@ -188,7 +189,7 @@ def residual_forward(x: torch.Tensor, branch: torch.Tensor, gamma: Optional[torc
     Returns: ``(s, out, rows, stats)``: ``s`` in ``x``'s shape, and with ``norm`` the normalised
     ``s`` and what :func:`layer_norm_backward` reads (``rows`` is ``s`` as rows), else ``None``s.
     """
-    t_dtype = _branch_dtype(branch, gamma)
+    t_dtype = scaled_dtype(branch.dtype, None if gamma is None else gamma.dtype)
     if keep is not None and (keep.dtype != t_dtype or keep.numel() != x.shape[0]):
         raise ValueError(f"keep must hold {x.shape[0]} draws in {t_dtype}, got {keep.numel()} in {keep.dtype}")
     if branch.shape != x.shape:
@@ -261,7 +262,7 @@ def residual_backward(grad_s: torch.Tensor, branch_dtype: torch.dtype, branch: O
         raise ValueError("residual_backward needs the forward's branch for gamma's gradient")
     if not grad_s.is_contiguous():
         grad_s = grad_s.contiguous()
-    t_dtype = branch_dtype if gamma is None else torch.promote_types(branch_dtype, gamma.dtype)
+    t_dtype = scaled_dtype(branch_dtype, None if gamma is None else gamma.dtype)
     term = (branch_dtype, t_dtype, branch, gamma, keep, float(keep_scale), branch_sum)
     dx, dbranch = _backward(grad_s.shape, norm, grad_s, term, partial)
     return (grad_s if norm is None else dx), dbranch

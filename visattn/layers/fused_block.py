@@ -5,8 +5,9 @@ Why: in eager training the host issues every op of every block, and for the deep
 BiFormer trunks (30 blocks) at batch 128 that host time exceeds the GPU time. Per block the modular
 path pays for ~18 module calls, ~40 autograd nodes (casts, views, drop-path products, residual adds,
 their gradient casts) and one Python autograd Function per Triton op, with its hand-off to
-autograd's device thread. The fused path issues the same GPU kernels (minus the residual adds,
-which go into the LayerNorm backward) from two Python functions.
+autograd's device thread. The fused path issues the same GPU kernels from two Python functions,
+minus the residual adds, drop-path / layer-scale products and most column sums, which go into the
+LayerNorm kernels (below).
 
 The pieces: a :class:`Tape` that the forward pushes saved tensors onto and the backward pops in
 reverse (through ``ctx.save_for_backward``, so saved-tensor hooks such as activation
@@ -38,7 +39,7 @@ from visattn.kernels.layer_norm import layer_norm_backward as _ln_backward
 from visattn.kernels.layer_norm import layer_norm_forward as _ln_forward
 from visattn.kernels.layer_norm import residual_backward as _residual_backward
 from visattn.kernels.layer_norm import residual_forward as _residual_forward
-from visattn.kernels.layer_norm import row_programs
+from visattn.kernels.layer_norm import row_programs, scaled_dtype
 
 try:
     from visattn.kernels.depthwise_conv import depthwise_conv_backward as _dwconv_backward
@@ -238,8 +239,7 @@ def gelu_backward(tape: Tape, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_dtype(branch: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.dtype:
-    # The dtype of ``branch * gamma`` (ATen's promotion), which the drop path keeps.
-    return branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
+    return scaled_dtype(branch.dtype, None if gamma is None else gamma.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,7 +248,7 @@ def _keep_scale(keep_prob: float) -> float:
     return (torch.tensor(1.0) / torch.tensor(keep_prob, dtype=torch.float32)).item()
 
 
-def _draw_keep(tape: Tape, branch: torch.Tensor, gamma: Optional[torch.Tensor], drop_prob: float,
+def _draw_keep(branch: torch.Tensor, gamma: Optional[torch.Tensor], drop_prob: float,
                scale_by_keep: bool) -> Tuple[Optional[torch.Tensor], float]:
     # timm's DropPath draw: bernoulli_ on a [B, 1, ...] tensor of the branch's (scaled) dtype, the
     # same draw as the modular path's; the scaling is left to the kernel.
@@ -272,7 +272,7 @@ def residual_forward(tape: Tape, x: torch.Tensor, branch: torch.Tensor, gamma: O
     """``x + drop_path(branch * gamma)`` as timm's ``LayerScale`` and ``DropPath`` compute it (the
     same products rounded to the same dtypes, the same random draw per sample; ``gamma`` ``[C]`` or
     ``None``; ``drop_prob`` 0 outside training), in one kernel after the draw."""
-    keep, keep_scale = _draw_keep(tape, branch, gamma, drop_prob, scale_by_keep)
+    keep, keep_scale = _draw_keep(branch, gamma, drop_prob, scale_by_keep)
     s = _residual_forward(x, branch, gamma, keep, keep_scale)[0]
     _save_residual(tape, branch, gamma, keep, keep_scale)
     return s
@@ -292,7 +292,7 @@ def residual_layer_norm_forward(tape: Tape, x: torch.Tensor, branch: torch.Tenso
                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``s = x + drop_path(branch * gamma)`` (:func:`residual_forward`) and ``layer_norm(s)``
     (:func:`layer_norm_forward`) in one kernel: ``(s, normed s)``."""
-    keep, keep_scale = _draw_keep(tape, branch, gamma, drop_prob, scale_by_keep)
+    keep, keep_scale = _draw_keep(branch, gamma, drop_prob, scale_by_keep)
     s_dtype = torch.promote_types(x.dtype, _scaled_dtype(branch, gamma))
     weight, bias, out_dtype = _norm_args(tape, s_dtype, weight, bias, autocast_output)
     s, out, rows, stats = _residual_forward(x, branch, gamma, keep, keep_scale, (weight, bias, eps, out_dtype))
@@ -319,7 +319,7 @@ def _residual_backward_from(tape: Tape, grad_s: torch.Tensor, sums: ColumnSums, 
     branch_dtype, keep_scale = tape.pop()
     finishes = list(norm_finishes)  # the kernel's slots: the LayerNorm's, gamma's, the bias's
     if gamma is not None:  # ATen sums the products in their dtype T, then casts to gamma's
-        finishes.append((torch.promote_types(branch_dtype, gamma.dtype), gamma.dtype))
+        finishes.append((scaled_dtype(branch_dtype, gamma.dtype), gamma.dtype))
     if bias_dtype is not None:
         finishes.append((bias_dtype,))
     return _residual_backward(grad_s, branch_dtype, branch, gamma, keep, keep_scale, sums.take(*finishes),
