@@ -264,3 +264,30 @@ def test_layer_norm_backward_adds_the_residual_gradient():
     torch.testing.assert_close((dw_r, db_r), (dw, db))
     with pytest.raises(ValueError, match="grad_residual must be a contiguous"):
         layer_norm_backward(dy, rows, w, stats, x.shape, b.dtype, grad_residual=res.t().contiguous().t())
+
+
+def test_block_graphs_are_used_only_where_they_compute_the_same(monkeypatch):
+    """CUDA graphs of the fused block (tested on CUDA in test_gpu.py): only for CUDA inputs in grad
+    mode, outside a stream capture and saved-tensor hooks, and not when switched off."""
+    import types
+
+    from visattn.layers.graphed_block import graphs_usable
+
+    block = _block()
+    cuda_x = types.SimpleNamespace(is_cuda=True)  # what the predicate reads of its input
+    capturing = [False]  # no CUDA here to ask
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert graphs_usable(block, cuda_x)
+    assert not graphs_usable(block, torch.zeros(1, 8, 8, 32))  # CPU
+    with torch.no_grad():
+        assert not graphs_usable(block, cuda_x)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # checkpointing, offloading
+        assert not graphs_usable(block, cuda_x)
+    capturing[0] = True  # a whole-step graph being captured
+    assert not graphs_usable(block, cuda_x)
+    capturing[0] = False
+    monkeypatch.setenv("VISATTN_BLOCK_GRAPHS", "0")
+    assert not graphs_usable(block, cuda_x)
+    monkeypatch.delenv("VISATTN_BLOCK_GRAPHS")
+    block.cuda_graphs = False
+    assert not graphs_usable(block, cuda_x)

@@ -503,3 +503,117 @@ def test_bench_model_interleaves_rounds():
             low, high = min(r["round_medians_ms"]), max(r["round_medians_ms"])
             assert 0 < low and low - 1e-6 <= r["ms_per_step"] <= high + 1e-6
             assert 0 < r["peak_GiB"] < total
+
+
+# --- CUDA graphs of the fused blocks ----------------------------------------------------------
+
+def _graph_test_blocks(drop_path=0.0, layer_scale=None):
+    """A NAT block and its copy without CUDA graphs (same parameters)."""
+    import copy
+
+    from visattn.layers import NeighborhoodAttention2d, NHWCTransformerBlock
+
+    torch.manual_seed(0)
+    block = NHWCTransformerBlock(64, NeighborhoodAttention2d(64, 2, 7, 2), layer_scale=layer_scale,
+                                 drop_path=drop_path).cuda().train()
+    plain = copy.deepcopy(block)
+    plain.cuda_graphs = False
+    return block, plain
+
+
+def _graph_entry(block):
+    from visattn.layers.graphed_block import _GRAPHS
+
+    (graphs,) = _GRAPHS[block].values()
+    return graphs
+
+
+def _train_call(block, x, grad, autocast):
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = block(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_block_graphs_replay_the_fused_block_on_cuda(autocast):
+    """Steps 1-4 of a block (eager, forward captured, both captured, replays) give the fused
+    block's outputs and gradients bit for bit, on new inputs each step."""
+    block, plain = _graph_test_blocks(layer_scale=0.5)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(4):
+        x = torch.randn(3, 21, 19, 64, device="cuda", generator=gen)
+        grad = torch.randn(3, 21, 19, 64, device="cuda", generator=gen)
+        got, want = _train_call(block, x, grad, autocast), _train_call(plain, x, grad, autocast)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        assert got[2].keys() == want[2].keys()
+        for name, g in want[2].items():
+            torch.testing.assert_close(got[2][name], g, rtol=0, atol=0, msg=f"step {step}: {name}")
+    graphs = _graph_entry(block)
+    assert graphs.forward_graph is not None and graphs.backward_graph is not None and graphs.generation == 3
+
+
+def test_block_graphs_two_forwards_before_a_backward_on_cuda():
+    """A second forward while the first replay's backward is pending runs without the graph, and
+    both backwards get their own activations; a parameter replaced in between is seen."""
+    block, plain = _graph_test_blocks()
+    x = [torch.randn(2, 16, 16, 64, device="cuda") for _ in range(4)]
+    for xi in x[:2]:  # warm up and capture
+        _train_call(block, xi, torch.ones_like(xi), False)
+        _train_call(plain, xi, torch.ones_like(xi), False)
+    grads = []
+    for b in (block, plain):
+        b.zero_grad(set_to_none=True)
+        a, c = x[2].clone().requires_grad_(), x[3].clone().requires_grad_()
+        (b(a).square().sum() + b(c).sum()).backward()
+        grads.append((a.grad, c.grad, b.mlp.fc1.weight.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        for b in (block, plain):
+            b.mlp.fc1.weight = torch.nn.Parameter(b.mlp.fc1.weight * 0.5)
+    for _ in range(3):
+        got, want = _train_call(block, x[0], torch.ones_like(x[0]), False), _train_call(plain, x[0], torch.ones_like(x[0]), False)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[2]["mlp.fc1.weight"], want[2]["mlp.fc1.weight"], rtol=0, atol=0)
+    assert _graph_entry(block).backward_graph is not None
+
+
+def test_block_graphs_refuse_overwritten_activations_on_cuda():
+    block, _ = _graph_test_blocks()
+    x = torch.randn(2, 16, 16, 64, device="cuda")
+    for _ in range(3):
+        _train_call(block, x, torch.ones_like(x), False)
+    out = block(x.clone().requires_grad_())
+    out.sum().backward(retain_graph=True)
+    block(x.clone().requires_grad_()).sum().backward()  # replays: the first activations are gone
+    with pytest.raises(RuntimeError, match="overwrote"):
+        out.sum().backward()
+
+
+EXACT_CDIST = "donot_use_mm_for_euclid_dist"  # not |a|^2 + |b|^2 - 2ab, which cancels
+
+
+def test_block_graphs_draw_new_drop_paths_on_cuda():
+    """Drop path in a replayed graph: each sample's output is one of the four keep / drop
+    combinations of the two branches, and the draws change from replay to replay."""
+    block, plain = _graph_test_blocks(drop_path=0.5)
+    x = torch.zeros(16, 16, 16, 64, device="cuda")  # the dilated kernel (7 x 2) fits: the fused path
+    outs = [_train_call(block, x, torch.ones_like(x), False)[0] for _ in range(6)]
+    assert _graph_entry(block).generation == 4
+    with torch.no_grad():  # the candidates, from the modules (kept branches scaled by 1 / 0.5)
+        x0 = x[:1]
+        candidates = []
+        for s1 in (x0, x0 + 2 * plain.attn(plain.norm1(x0))):
+            candidates += [s1, s1 + 2 * plain.mlp(plain.norm2(s1))]
+        candidates = torch.cat(candidates).flatten(1)  # [4, H * W * C]
+    assert torch.cdist(candidates, candidates, compute_mode=EXACT_CDIST).add(torch.eye(4, device="cuda") * 1e9).amin() > 1.0
+    patterns = set()
+    for out in outs[2:]:  # the replays
+        distance = torch.cdist(out.flatten(1), candidates, compute_mode=EXACT_CDIST)  # [B, 4]
+        assert (distance.amin(1) < 1e-3).all()
+        patterns.add(tuple(distance.argmin(1).tolist()))
+    assert len(patterns) > 1

@@ -28,16 +28,17 @@ from visattn.layers import BiLevelRoutingAttention, NeighborhoodAttention2d, NHW
 
 # Layers whose op backend ``name@backend`` selects.
 _BACKEND_LAYERS = (NeighborhoodAttention2d, BiLevelRoutingAttention)
-DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@triton:modular", "visattn_dinat_t@reference",
-                  "swin_tiny_patch4_window7_224"]
+DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@triton:nographs", "visattn_dinat_t@triton:modular",
+                  "visattn_dinat_t@reference", "swin_tiny_patch4_window7_224"]
 
 
 def build(spec: str) -> torch.nn.Module:
-    """``name[@backend][:modular]``: a timm model, its neighborhood / routed attention on
-    ``backend``; ``:modular`` turns visattn's fused blocks off (each op its own autograd node)."""
+    """``name[@backend][:variant]``: a timm model, its neighborhood / routed attention on
+    ``backend``; ``:modular`` turns visattn's fused blocks off (each op its own autograd node),
+    ``:nographs`` their CUDA graphs (each fused block issues its kernels from Python)."""
     base, _, variant = spec.partition(":")
-    if variant not in ("", "modular"):
-        raise SystemExit(f"unknown model variant ':{variant}' in {spec!r}; expected ':modular' or none")
+    if variant not in ("", "modular", "nographs"):
+        raise SystemExit(f"unknown model variant ':{variant}' in {spec!r}; expected ':modular', ':nographs' or none")
     name, _, backend = base.partition("@")
     model = timm.create_model(name, num_classes=1000)
     if backend:
@@ -46,12 +47,12 @@ def build(spec: str) -> torch.nn.Module:
             raise SystemExit(f"{name} has no neighborhood or routed attention, so '@{backend}' means nothing")
         for layer in layers:
             layer.backend = backend
-    if variant == "modular":
+    if variant:
         blocks = [m for m in model.modules() if isinstance(m, NHWCTransformerBlock)]
         if not blocks:
-            raise SystemExit(f"{name} has no visattn transformer blocks, so ':modular' means nothing")
+            raise SystemExit(f"{name} has no visattn transformer blocks, so ':{variant}' means nothing")
         for block in blocks:
-            block.fused = False
+            setattr(block, "fused" if variant == "modular" else "cuda_graphs", False)
     return model.cuda().train()
 
 
@@ -76,10 +77,14 @@ def training_step(spec: str, batch: int, image_size: int, optimizer: str = "fuse
     """One training step of ``spec`` (see :func:`build`) on a fixed random batch: bf16-autocast
     forward, cross-entropy, backward, AdamW (``optimizer``: ``fused`` or ``foreach``), zeroed
     gradients. ``for_graph`` makes the step capturable (``capturable`` AdamW, no autocast weight
-    cache, gradients zeroed in place); ``compiled`` runs ``torch.compile(model)``."""
+    cache, gradients zeroed in place, no per-block graphs); ``compiled`` runs ``torch.compile(model)``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     model = build(spec)
+    if for_graph:  # the whole step is one graph: the blocks' own graphs would only hold memory
+        for block in model.modules():
+            if isinstance(block, NHWCTransformerBlock):
+                block.cuda_graphs = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=for_graph, **{optimizer: True})
     if compiled:
         model = torch.compile(model)
@@ -186,8 +191,8 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME[@BACKEND][:modular]",
-                        help=f"timm names, optionally @triton / @reference / @gather, and :modular for visattn blocks without fusion (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME[@BACKEND][:VARIANT]",
+                        help=f"timm names, optionally @triton / @reference / @gather, and :modular for visattn blocks without fusion, :nographs without their CUDA graphs (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--optimizer", default="fused", choices=OPTIMIZERS, help="AdamW implementation (default: fused)")

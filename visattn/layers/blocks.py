@@ -14,6 +14,7 @@ from visattn.layers.fused_block import (ColumnSums, Tape, depthwise_conv_backwar
                                         fused_block_apply, layer_norm_backward, layer_norm_forward, linear_parameters,
                                         mlp_backward, mlp_forward, mlp_supported, residual_backward,
                                         residual_forward, residual_layer_norm_backward, residual_layer_norm_forward)
+from visattn.layers.graphed_block import graphed_block_apply, graphs_usable
 from visattn.layers.norm import LayerNorm
 
 # A leaf for torch.fx in this module's traced code (the position conv: shape checks, a Triton
@@ -48,9 +49,16 @@ class NHWCTransformerBlock(nn.Module):
     environment variable ``VISATTN_FUSED_BLOCKS=0`` turns it off; TorchScript, ``torch.fx`` and
     ``torch.compile`` always see the modular forward. Hooks on the submodules do not run on the
     fused path.
+
+    CUDA graphs: in CUDA training (grad mode) the fused path runs from a CUDA graph of the block's
+    forward and one of its backward per call signature, captured on its second and third calls
+    (:mod:`visattn.layers.graphed_block`, which says when they are not used): one launch per
+    block and direction instead of ~25. They hold a copy of the block's activations each.
+    ``cuda_graphs = False`` or ``VISATTN_BLOCK_GRAPHS=0`` turns them off.
     """
 
     fused: bool = True
+    cuda_graphs: bool = True
 
     def __init__(
         self,
@@ -98,7 +106,7 @@ class NHWCTransformerBlock(nn.Module):
     @torch.jit.ignore
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_path_taken(x):
-            return fused_block_apply(self, x)
+            return graphed_block_apply(self, x) if graphs_usable(self, x) else fused_block_apply(self, x)
         return self.residual_branches(x)
 
     @torch.jit.ignore

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -244,8 +245,9 @@ def _scaled_dtype(branch: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.
 
 @functools.lru_cache(maxsize=None)
 def _keep_scale(keep_prob: float) -> float:
-    # What timm's ``keep.div_(keep_prob)`` makes a kept sample's 1: ATen divides in fp32.
-    return (torch.tensor(1.0) / torch.tensor(keep_prob, dtype=torch.float32)).item()
+    # What timm's ``keep.div_(keep_prob)`` makes a kept sample's 1: ATen divides in fp32, as numpy's
+    # float32 does (IEEE division, correctly rounded); no torch op, so none under capture or counting.
+    return float(np.float32(1.0) / np.float32(keep_prob))
 
 
 def _draw_keep(branch: torch.Tensor, gamma: Optional[torch.Tensor], drop_prob: float,
