@@ -53,7 +53,7 @@ class NHWCTransformerBlock(nn.Module):
     CUDA graphs: in CUDA training (grad mode) the fused path runs from a CUDA graph of the block's
     forward and one of its backward per call signature, captured on its second and third calls
     (:mod:`visattn.layers.graphed_block`, which says when they are not used): one launch per
-    block and direction instead of ~25. They hold a copy of the block's activations each.
+    block and direction instead of ~17. They hold a copy of the block's activations each.
     ``cuda_graphs = False`` or ``VISATTN_BLOCK_GRAPHS=0`` turns them off.
     """
 

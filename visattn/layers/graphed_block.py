@@ -1,9 +1,9 @@
 """CUDA graphs of the fused blocks' forward and backward, replayed in eager training.
 
-Why: a fused block (:mod:`visattn.layers.fused_block`) still issues ~25 launches per direction
-from Python, and on the H200 machine's host that takes 450 µs forward and 610 µs backward
-(torch.profiler, DiNAT-T, 2026-12-03): for DiNAT-T's 30 blocks, 64 ms of host time per step
-against 40 ms of GPU time. A graph replay issues a block's kernels in one launch.
+Why: a fused block (:mod:`visattn.layers.fused_block`) still issues ~35 launches (forward and
+backward) from Python, and on the H200 machine's host that takes 450 µs forward and 610 µs
+backward (torch.profiler, DiNAT-T, 2026-12-03): for DiNAT-T's 30 blocks the host issued a step in
+64 ms against 40 ms of GPU time. A graph replay issues a block's kernels in one launch.
 
 How it stays the block's function:
 
@@ -90,6 +90,16 @@ class BlockGraphs:
         replay = None if self.last_replay is None else self.last_replay()
         return replay is not None and not replay.done
 
+    def try_capture(self, direction: str, capture, *args) -> None:
+        """``capture(*args)``; when it fails, this entry captures nothing more and the block runs
+        that direction (the forward: both) without graphs, with a warning."""
+        try:
+            capture(*args)
+        except RuntimeError as error:
+            self.failed = True
+            warnings.warn(f"visattn: capturing a fused block's {direction} in a CUDA graph failed ({error}); "
+                          f"this block's {direction} runs without one", stacklevel=4)
+
     def capture_forward(self, block: torch.nn.Module, x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> None:
         self.static_x = torch.empty_like(x)
         self.static_x.copy_(x)
@@ -123,12 +133,7 @@ class BlockGraphs:
     def backward(self, block: torch.nn.Module, grad: torch.Tensor, compute_dtype: Optional[torch.dtype]
                  ) -> Tuple[torch.Tensor, tuple]:
         if self.backward_graph is None and self.backwards > 0 and not self.failed:
-            try:
-                self._capture_backward(block, grad, compute_dtype)
-            except RuntimeError as error:
-                self.failed = True
-                warnings.warn(f"visattn: capturing a fused block's backward in a CUDA graph failed ({error}); "
-                              "this block's backward runs without one", stacklevel=2)
+            self.try_capture("backward", self._capture_backward, block, grad, compute_dtype)
         if self.backward_graph is None:
             self.backwards += 1
             with torch.autocast(grad.device.type, enabled=False):
@@ -198,11 +203,7 @@ def graphed_block_apply(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     if graphs.failed or graphs.calls == 1 or graphs.replay_pending():
         return fused_block_apply(block, x)
     if graphs.forward_graph is None:
-        try:
-            graphs.capture_forward(block, x, compute_dtype)
-        except RuntimeError as error:
-            graphs.failed = True
-            warnings.warn(f"visattn: capturing a fused block's forward in a CUDA graph failed ({error}); this "
-                          "block runs without one", stacklevel=3)
+        graphs.try_capture("forward", graphs.capture_forward, block, x, compute_dtype)
+        if graphs.forward_graph is None:
             return fused_block_apply(block, x)
     return _GraphedBlock.apply(graphs, block, compute_dtype, x, *params)
