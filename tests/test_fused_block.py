@@ -268,7 +268,8 @@ def test_layer_norm_backward_adds_the_residual_gradient():
 
 def test_block_graphs_are_used_only_where_they_compute_the_same(monkeypatch):
     """CUDA graphs of the fused block (tested on CUDA in test_gpu.py): only for CUDA inputs in grad
-    mode, outside a stream capture and saved-tensor hooks, and not when switched off."""
+    mode, outside a stream capture and saved-tensor hooks, for attention known to capture (not yet
+    BiFormer's), and not when switched off."""
     import types
 
     from visattn.layers.graphed_block import graphs_usable
@@ -291,3 +292,4 @@ def test_block_graphs_are_used_only_where_they_compute_the_same(monkeypatch):
     monkeypatch.delenv("VISATTN_BLOCK_GRAPHS")
     block.cuda_graphs = False
     assert not graphs_usable(block, cuda_x)
+    assert not graphs_usable(_biformer_block(), cuda_x)  # its routed ops are not yet tested under capture

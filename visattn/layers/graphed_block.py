@@ -22,6 +22,8 @@ How it stays the block's function:
   overwritten anyway (a second backward through a retained graph after another forward) raises.
 - Drop-path draws come from the graph-safe CUDA generator (new numbers every replay, torch's
   philox offsets), so graphed steps draw other samples than eager ones under the same seed.
+- Graphs are used for attention modules whose fused ops are known to run under capture
+  (``fused_graphs = True``: neighborhood attention; not yet BiFormer's routed attention).
 - Graphs are not used while saved-tensor hooks are active (activation checkpointing, offloading:
   they must see the saved tensors), while a stream is being captured (a whole-step graph), without
   grad mode, or when the parameters were moved or replaced (the entry is then rebuilt).
@@ -180,7 +182,7 @@ def _signature(block: torch.nn.Module, x: torch.Tensor, compute_dtype: Optional[
 
 def graphs_usable(block: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether a fused call of ``block`` on ``x`` may run from CUDA graphs (see the module doc)."""
-    return (getattr(block, "cuda_graphs", False) and x.is_cuda and torch.is_grad_enabled()
+    return (getattr(block, "cuda_graphs", False) and getattr(block.attn, "fused_graphs", False) and x.is_cuda and torch.is_grad_enabled()
             and os.environ.get("VISATTN_BLOCK_GRAPHS", "1") != "0"
             and not torch.cuda.is_current_stream_capturing()
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)

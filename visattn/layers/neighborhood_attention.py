@@ -89,6 +89,9 @@ class NeighborhoodAttention2d(nn.Module):
         x = x[:, :H, :W].reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
+    # The fused ops run under CUDA-graph capture (visattn.layers.graphed_block; tested on CUDA).
+    fused_graphs = True
+
     @torch.jit.ignore
     def fused_supported(self, x: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` can compute ``self(x)``: the Triton backend would run it

@@ -96,6 +96,10 @@ class BiLevelRoutingAttention(nn.Module):
         out = self.wo(out)
         return out[:, :H, :W] if (pad_h or pad_w) else out
 
+    # The routing and routed kernels have not yet run under CUDA-graph capture on a GPU, so the
+    # fused BiFormer blocks run without graphs (visattn.layers.graphed_block).
+    fused_graphs = False
+
     @torch.jit.ignore
     def fused_supported(self, x: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` computes ``self(x)``: the Triton kernels would run every op
