@@ -32,6 +32,10 @@ DEFAULT_MODELS = ["visattn_dinat_t@triton", "visattn_dinat_t@triton:nographs", "
                   "visattn_dinat_t@reference", "swin_tiny_patch4_window7_224"]
 
 
+def _transformer_blocks(model: torch.nn.Module) -> List[NHWCTransformerBlock]:
+    return [m for m in model.modules() if isinstance(m, NHWCTransformerBlock)]
+
+
 def build(spec: str) -> torch.nn.Module:
     """``name[@backend][:variant]``: a timm model, its neighborhood / routed attention on
     ``backend``; ``:modular`` turns visattn's fused blocks off (each op its own autograd node),
@@ -48,7 +52,7 @@ def build(spec: str) -> torch.nn.Module:
         for layer in layers:
             layer.backend = backend
     if variant:
-        blocks = [m for m in model.modules() if isinstance(m, NHWCTransformerBlock)]
+        blocks = _transformer_blocks(model)
         if not blocks:
             raise SystemExit(f"{name} has no visattn transformer blocks, so ':{variant}' means nothing")
         for block in blocks:
@@ -82,9 +86,8 @@ def training_step(spec: str, batch: int, image_size: int, optimizer: str = "fuse
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     model = build(spec)
     if for_graph:  # the whole step is one graph: the blocks' own graphs would only hold memory
-        for block in model.modules():
-            if isinstance(block, NHWCTransformerBlock):
-                block.cuda_graphs = False
+        for block in _transformer_blocks(model):
+            block.cuda_graphs = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=for_graph, **{optimizer: True})
     if compiled:
         model = torch.compile(model)

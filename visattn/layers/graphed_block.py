@@ -182,8 +182,8 @@ def _signature(block: torch.nn.Module, x: torch.Tensor, compute_dtype: Optional[
 
 def graphs_usable(block: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether a fused call of ``block`` on ``x`` may run from CUDA graphs (see the module doc)."""
-    return (getattr(block, "cuda_graphs", False) and getattr(block.attn, "fused_graphs", False) and x.is_cuda and torch.is_grad_enabled()
-            and os.environ.get("VISATTN_BLOCK_GRAPHS", "1") != "0"
+    return (getattr(block, "cuda_graphs", False) and getattr(block.attn, "fused_graphs", False)
+            and x.is_cuda and torch.is_grad_enabled() and os.environ.get("VISATTN_BLOCK_GRAPHS", "1") != "0"
             and not torch.cuda.is_current_stream_capturing()
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
 
