@@ -105,11 +105,12 @@ class Tuner:
 
 
 @triton.jit
-def dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` accumulated in fp32; full-precision (not TF32) products for fp32 inputs."""
+def dot(a, b, IEEE: tl.constexpr, acc=None):
+    """``acc + a @ b`` accumulated in fp32 (``acc`` None: 0); full-precision (not TF32) products
+    for fp32 inputs."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, b, out_dtype=tl.float32)
+        return tl.dot(a, b, acc=acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, acc=acc, out_dtype=tl.float32)
 
 
 def _active_hook(name: str):

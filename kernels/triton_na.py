@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +47,8 @@ _RPB_SLOTS = 128
 # Largest register tile (elements) of a program's rpb-gradient sum; larger kernels (3-D, k >= 9)
 # add each step's partial sums atomically instead.
 _RPB_ACC_MAX = 8192
+# Largest forward window table (elements per head) read instead of computing the windows.
+_TABLE_MAX = 1 << 20
 
 
 @triton.jit
@@ -187,17 +190,17 @@ def _logits(qk, rpb_ptrs, in_window, HAS_RPB: tl.constexpr):
 
 @triton.jit
 def _na_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr, table_ptr, class_ptr,
     s_ib, s_it, s_ih, s_iw, s_in, s_id,
     s_ob, s_ot, s_oh, s_ow, s_on, s_od,
     s_rn, s_rt, s_rh, s_rw,
-    T, H, W, HEADS, HEAD_DIM, scale,
+    T, H, W, HEADS, HEAD_DIM, scale, s_table_n, no_key_below,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TILE_T: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     HALO_T: tl.constexpr, HALO_H: tl.constexpr, BLOCK_KW: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr, TABLE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     (gt, gh, gw, len_t, len_h, len_w, t0, h0, w0, qt, qh, qw, q_valid, b, n,
      start_t, start_h, start_w, halo_t, halo_h, halo_w) = _query_windows(
@@ -211,11 +214,26 @@ def _na_fwd_kernel(
     q = (q.to(tl.float32) * (scale * _q_unit(HAS_RPB))).to(q_ptr.dtype.element_ty)  # q_s, as in the backward
 
     kr, kx, kx_valid, kx_c, in_cols = _step_columns(halo_w, len_w, start_w, KW, ROWS, BLOCK_KW)
-    rpb_head = rpb_ptr + n * s_rn
-    rel_first = _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw, KT, KH, KW)
+    if TABLE:
+        # The tile's window mask (+ rpb) per step, [TQ, ROWS * BLOCK_KW] in SPLIT parts that sum
+        # to it, precomputed per tile class (:class:`_ForwardLaunch`), replaces the window compares
+        # and the rpb gather. It enters the logits as ``ident @ table`` accumulated onto q k^T: as a
+        # matrix product operand it is loaded ahead through the pipeline and arrives in the
+        # accumulator's layout. Masked logits get a large finite negative (0 * -inf would be NaN);
+        # keys outside the map are clamped in, and masked.
+        STEPS_H: tl.constexpr = (HALO_H + ROWS - 1) // ROWS
+        STEP: tl.constexpr = SPLIT * TQ * ROWS * BLOCK_KW
+        tile_class = tl.load(class_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0))
+        table = (table_ptr + n * s_table_n + tile_class * (HALO_T * STEPS_H * STEP)
+                 + tl.arange(0, SPLIT * TQ)[:, None] * (ROWS * BLOCK_KW) + tl.arange(0, ROWS * BLOCK_KW)[None, :])
+        ident = (tl.arange(0, TQ)[:, None] == tl.arange(0, SPLIT * TQ)[None, :] % TQ).to(table_ptr.dtype.element_ty)
+    else:
+        rpb_head = rpb_ptr + n * s_rn
+        rel_first = _rpb_offsets_first_step(kx, kr, qt, qh, qw, halo_t, halo_h, s_rt, s_rh, s_rw, KT, KH, KW)
 
-    # Keys outside a query's window get the logit -inf, so exp2 zeroes them without a second
-    # select; m_safe keeps rows with no key yet at 0, not NaN. m_i is the running max of u.
+    # Keys outside a query's window get the logit -inf (with tables, the masked value), so exp2
+    # zeroes them without a second select; m_safe keeps rows with no key yet (a max of at most
+    # ``no_key_below``) at 0, which keeps their exp2 at 0, not NaN. m_i is the running max of u.
     m_i = tl.full([TQ], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ], tl.float32)
     acc = tl.zeros([TQ, BLOCK_D], tl.float32)
@@ -226,14 +244,21 @@ def _na_fwd_kernel(
         for r in range(0, HALO_H, ROWS):
             ky = halo_h + r + kr
             ky_c = tl.minimum(ky, len_h - 1)
-            in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None]) & (ky[None, :] < start_h[:, None] + KH)
-                         & in_cols)
-            kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
+            if TABLE:
+                kv_mask = d_valid[None, :]
+            else:
+                in_window = (in_t[:, None] & (ky[None, :] >= start_h[:, None])
+                             & (ky[None, :] < start_h[:, None] + KH) & in_cols)
+                kv_mask = (kx_valid & (ky < len_h) & (kt < len_t))[:, None] & d_valid[None, :]
             k_off = _offsets(b, n, kt_c, ky_c, kx_c, gt, gh, gw, DT, DH, DW, s_ib, s_it, s_ih, s_iw, s_in)
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
-            u = _logits(dot(q, tl.trans(k), IEEE), rpb_head + (rel_first + (a * s_rt + r * s_rh)), in_window, HAS_RPB)
+            if TABLE:
+                u = dot(ident, tl.load(table + (a * STEPS_H + r // ROWS) * STEP), IEEE, dot(q, tl.trans(k), IEEE))
+            else:
+                u = _logits(dot(q, tl.trans(k), IEEE), rpb_head + (rel_first + (a * s_rt + r * s_rh)), in_window,
+                            HAS_RPB)
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_safe = tl.where(m_new <= no_key_below, 0.0, m_new)
             alpha = tl.exp2((m_i - m_safe) * _base2_unit(HAS_RPB))
             p = tl.exp2(u * _base2_unit(HAS_RPB) - (m_safe * _base2_unit(HAS_RPB))[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -459,10 +484,14 @@ class LaunchConfig:
     num_stages: int
     # A cap on registers per thread (ptxas ``maxnreg``): more programs per SM for a few spills.
     max_registers: Optional[int] = None
+    # Forward only: read each step's window mask (and rpb) from per-tile-class tables
+    # (:func:`_window_index`) instead of computing it, where the tables are small enough.
+    table: bool = False
 
     def __str__(self) -> str:
         cap = f"/m{self.max_registers}" if self.max_registers else ""
-        return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}{cap}"
+        table = "/t" if self.table else ""
+        return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}{cap}{table}"
 
 
 # Candidates per kernel and rank, the interpreter's default first. Few on purpose: every candidate
@@ -474,12 +503,18 @@ class LaunchConfig:
 # 2026-12-02): the 2-warp 4x8 forward at 72-88 (from 109 with rpb, 90 without; a few spills) fits
 # 11-14 programs per SM instead of 9, 5-9% faster at NAT-T / DiNAT-T stage 1 (88 and 80 with rpb,
 # 72 without); the key-centric kernel at 128 (from 168 / 255) 3-4% faster; the dQ kernel's caps
-# (168, 128) were 10-40% slower.
+# (168, 128) were 10-40% slower. Window tables (``table``, tools/tune_na.py, H200, 2026-12-03,
+# bf16 rpb): 12-33% faster forwards at NAT-T / DiNAT-T stage 1, DiNAT-L-384 stage 1, k13 and the
+# HAT-like windows (the 8x8 tile at k13); the computed windows stay for the small NAT-T stage 3
+# and were 2-5% faster without rpb.
 _C = LaunchConfig
 _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "fwd": {
         1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
-        2: [_C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
+        2: [_C((1, 4, 8), 2, 2, 2, table=True), _C((1, 4, 8), 2, 2, 3, table=True),
+            _C((1, 4, 8), 2, 2, 2, 72, table=True), _C((1, 8, 8), 2, 4, 2, table=True),
+            _C((1, 8, 8), 2, 2, 2, table=True), _C((1, 4, 8), 4, 2, 2, table=True),
+            _C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
             _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 2, 2, 2, 88), _C((1, 4, 8), 2, 2, 3, 88),
             _C((1, 4, 8), 2, 2, 2, 80), _C((1, 4, 8), 2, 2, 2, 72)],
         3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],
@@ -604,11 +639,160 @@ def _tensor_scalars(key: tuple) -> tuple:
             q_shape[-2], q_shape[-1], params.scale)
 
 
-def _fwd_call(key: tuple, cfg: LaunchConfig) -> KernelCall:
-    params, q_shape, _, dtype, rpb_strides = key[1:6]
-    grid, meta = _geometry(q_shape, dtype, params, cfg)
-    meta.update(_walk_meta(params, cfg), HAS_RPB=rpb_strides is not None)
-    return KernelCall(_na_fwd_kernel, grid, _tensor_scalars(key), meta)
+def _np_window_start(pos: np.ndarray, sub_len: int, kernel: int, stride: int) -> np.ndarray:
+    """:func:`_window_start` on the host."""
+    leader = np.minimum((pos // stride) * stride + stride // 2, sub_len - 1)
+    return np.minimum(np.maximum(leader - kernel // 2, 0), sub_len - kernel)
+
+
+def _axis_windows(sub_len: int, kernel: int, stride: int, tile: int, extent: int,
+                  index: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The windows of tile ``index`` on one sub-grid axis, as the query-centric walk sees them:
+    ``[tile, extent]`` whether halo position ``p`` lies in query ``j``'s window, and the rpb
+    offset ``key - query + kernel - 1`` there (0 elsewhere). Queries past the axis are clamped
+    onto its last one, as in :func:`_tile`."""
+    t0 = index * tile
+    query = np.minimum(t0 + np.arange(tile), sub_len - 1)
+    start = _np_window_start(query, sub_len, kernel, stride)
+    key = _np_window_start(np.array(t0), sub_len, kernel, stride) + np.arange(extent)
+    valid = (key[None, :] < sub_len) & (key[None, :] >= start[:, None]) & (key[None, :] < start[:, None] + kernel)
+    return valid, np.where(valid, key[None, :] - query[:, None] + kernel - 1, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_index(params: NAParams, cfg: LaunchConfig,
+                  max_elements: int) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
+    """The forward's window tables for ``cfg``'s walk, or ``None`` when they would exceed
+    ``max_elements`` per head.
+
+    Programs whose tiles see the same windows (on each axis: the same positions of every query's
+    window in the halo, and the same rpb offsets there; in the interior of a map that is all of
+    them) share a tile class. Returns ``(index, classes, table_elements)``: ``index``
+    ``[n_classes, HALO_T, steps_h, TQ, ROWS * BLOCK_KW]`` (int32) is each logit's flat offset in
+    one head's ``[2kt - 1, 2kh - 1, 2kw - 1]`` rpb, -1 outside its query's window; ``classes``
+    ``[dilation groups, grid[0]]`` (int32) the class of each program.
+    """
+    walk = _walk_meta(params, cfg)
+    spatial = (1,) * (3 - len(params.spatial)) + tuple(params.spatial)
+    kernels, dilations, strides = _lift_params(params)
+    rows = walk["ROWS"]
+    steps_h = -(-walk["HALO_H"] // rows)
+    extents = (walk["HALO_T"], steps_h * rows, walk["BLOCK_KW"])
+    grid0 = math.prod(-(-(-(-n // d)) // t) for n, d, t in zip(spatial, dilations, cfg.tile))
+    axis_classes: List[Dict[bytes, int]] = [{}, {}, {}]
+    axis_windows: List[List[Tuple[np.ndarray, np.ndarray]]] = [[], [], []]
+    triples: Dict[Tuple[int, int, int], int] = {}
+    classes = []
+    for group in np.ndindex(*dilations):
+        sub = [-(-(n - g) // d) for n, g, d in zip(spatial, group, dilations)]
+        tiles = [-(-n // t) for n, t in zip(sub, cfg.tile)]
+        pid = np.arange(grid0)
+        tile_index = (pid // (tiles[1] * tiles[2]), (pid // tiles[2]) % tiles[1], pid % tiles[2])
+        row = []
+        for p in range(grid0):
+            triple = []
+            for axis in range(3):
+                windows = _axis_windows(sub[axis], kernels[axis], strides[axis], cfg.tile[axis], extents[axis],
+                                        int(tile_index[axis][p]))
+                desc = windows[0].tobytes() + windows[1].tobytes()
+                if desc not in axis_classes[axis]:
+                    axis_classes[axis][desc] = len(axis_windows[axis])
+                    axis_windows[axis].append(windows)
+                triple.append(axis_classes[axis][desc])
+            row.append(triples.setdefault(tuple(triple), len(triples)))
+        classes.append(row)
+    tq, rb = math.prod(cfg.tile), rows * walk["BLOCK_KW"]
+    elements = len(triples) * extents[0] * steps_h * tq * rb
+    if elements > max_elements:
+        return None
+    widths = [2 * k - 1 for k in kernels]
+    index = np.empty((len(triples), extents[0], steps_h, tq, rb), dtype=np.int32)
+    for (ct, ch, cw), c in triples.items():
+        (vt, rt), (vh, rh), (vw, rw) = axis_windows[0][ct], axis_windows[1][ch], axis_windows[2][cw]
+        valid = vt[:, None, None, :, None, None] & vh[None, :, None, None, :, None] & vw[None, None, :, None, None, :]
+        flat = ((rt[:, None, None, :, None, None] * widths[1] + rh[None, :, None, None, :, None]) * widths[2]
+                + rw[None, None, :, None, None, :])
+        table = np.where(valid, flat, -1).reshape(tq, extents[0], steps_h, rows, extents[2])
+        index[c] = table.transpose(1, 2, 0, 3, 4).reshape(extents[0], steps_h, tq, rb)
+    return index, np.asarray(classes, dtype=np.int32), elements
+
+
+# The masked entries of a window table: a large finite negative, so that the table's matrix
+# product with the 0/1 identity stays finite (0 * -inf is NaN). A row whose running max is at most
+# half of it has had no key of its window yet, and the forward treats it as a row of -inf: were
+# the max subtracted from such logits, the exp2 argument u * c - m * c of the rpb path would keep
+# m * c's rounding error (~1e23 at -1e30: exp2 -> inf, then NaN; seen on the GPU, bf16 with rpb).
+_MASKED = {torch.float16: -2.0 ** 15, torch.bfloat16: -2.0 ** 100, torch.float32: -2.0 ** 100}
+
+
+@triton.jit
+def _window_table_kernel(rpb_ptr, index_ptr, table_ptr, s_rn, s_rt, s_rh, s_rw, numel, masked,
+                         WIDTH_H: tl.constexpr, WIDTH_W: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """The rpb window table of head ``program_id(1)``: entry ``i`` of ``index`` (blocks of ``STEP``)
+    is ``rpb[n].flatten()[index[i]]`` (rpb ``[heads, 2kt - 1, WIDTH_H, WIDTH_W]``, any strides), or
+    ``masked`` where ``index[i] < 0``, written in SPLIT parts of the table's dtype that sum to it
+    (the second: what the first rounded off)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < numel
+    index = tl.load(index_ptr + offs, mask=in_range, other=-1)
+    rel = ((index // (WIDTH_H * WIDTH_W)) * s_rt + ((index // WIDTH_W) % WIDTH_H) * s_rh
+           + (index % WIDTH_W) * s_rw)
+    value = tl.load(rpb_ptr + tl.program_id(1) * s_rn + rel, mask=index >= 0, other=0.0).to(tl.float32)
+    head = table_ptr + tl.program_id(1) * numel * SPLIT + (offs // STEP) * (SPLIT * STEP) + offs % STEP
+    high = tl.where(index >= 0, value, masked).to(table_ptr.dtype.element_ty)
+    tl.store(head, high, mask=in_range)
+    if SPLIT == 2:
+        low = tl.where(index >= 0, value - high.to(tl.float32), 0.0)
+        tl.store(head + STEP, low.to(table_ptr.dtype.element_ty), mask=in_range)
+
+
+class _ForwardLaunch:
+    """The forward's launches for one call signature: the kernel and, when it reads window tables,
+    their tile classes and, with rpb, the index of the rpb table (expanded per call by one small
+    launch), without it the mask table. Tables are in q's dtype; an rpb of another dtype is split
+    into two parts of it, which keep 16 bits of its mantissa (all of an fp16 rpb's)."""
+
+    def __init__(self, key: tuple, cfg: LaunchConfig):
+        params, q_shape, _, dtype, rpb_strides = key[1:6]
+        rpb_dtype = key[8]
+        device = torch.device(key[6])
+        grid, meta = _geometry(q_shape, dtype, params, cfg)
+        meta.update(_walk_meta(params, cfg), HAS_RPB=rpb_strides is not None)
+        windows = _window_index(params, cfg, _TABLE_MAX) if cfg.table else None
+        split = 2 if rpb_strides is not None and rpb_dtype != dtype and dtype != torch.float32 else 1
+        meta.update(TABLE=windows is not None, SPLIT=split)
+        self.heads, self.dtype, self.split, self.table_elements = q_shape[-2], dtype, split, 0
+        self.classes = self.index = self.mask = self.expand = None
+        s_table_n = 0
+        if windows is not None:
+            index, classes, self.table_elements = windows
+            self.classes = torch.from_numpy(classes).to(device)
+            self.index = torch.from_numpy(index.reshape(-1)).to(device)
+            if rpb_strides is None:
+                self.mask = torch.zeros(self.index.shape, dtype=dtype, device=device).masked_fill_(
+                    self.index < 0, _MASKED[dtype])
+            else:
+                s_table_n = split * self.table_elements
+                block = 1024
+                self.expand = KernelCall(
+                    _window_table_kernel, (triton.cdiv(self.table_elements, block), self.heads),
+                    (*rpb_strides, self.table_elements, _MASKED[dtype]),
+                    dict(WIDTH_H=2 * meta["KH"] - 1, WIDTH_W=2 * meta["KW"] - 1, STEP=index[0, 0, 0].size,
+                         SPLIT=split, BLOCK=block))
+        no_key_below = _MASKED[dtype] / 2 if windows is not None else float("-inf")
+        self.call = KernelCall(_na_fwd_kernel, grid, _tensor_scalars(key) + (s_table_n, no_key_below), meta)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+                 out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.classes is None:
+            self.call(q, k, v, rpb if rpb is not None else q, out, lse, q, q)
+        elif rpb is None:
+            self.call(q, k, v, q, out, lse, self.mask, self.classes)
+        else:
+            table = torch.empty((self.heads, self.split * self.table_elements), dtype=self.dtype, device=q.device)
+            self.expand(rpb, self.index, table)
+            self.call(q, k, v, rpb, out, lse, table, self.classes)
 
 
 def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tuple[KernelCall, KernelCall]:
@@ -649,9 +833,10 @@ _CALLS = CallCache()
 def _call_key(kind: str, params: NAParams, q: torch.Tensor, rpb: Optional[torch.Tensor],
               grad_like_input: bool = False) -> tuple:
     """What fixes a call's launches: ``(kind, params, q's shape, strides and dtype, the rpb's
-    strides, the device, whether the backward writes its gradients in the inputs' layout)``."""
+    strides, the device, whether the backward writes its gradients in the inputs' layout, the
+    rpb's dtype)``."""
     return (kind, params, tuple(q.shape), q.stride(), q.dtype, None if rpb is None else _rpb_strides(rpb), q.device,
-            grad_like_input)
+            grad_like_input, None if rpb is None else rpb.dtype)
 
 
 def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAParams,
@@ -663,13 +848,19 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
     q, k, v = _same_strides(q, k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], params.heads, math.prod(params.spatial)), dtype=torch.float32, device=q.device)
-    tensors = (q, k, v, rpb if rpb is not None else q, out, lse)
+    tensors = (q, k, v, rpb, out, lse)
     key = _call_key("fwd", params, q, rpb)
 
-    def build() -> KernelCall:
-        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial),
-                     lambda cfg: _fwd_call(key, cfg)(*tensors))
-        return _fwd_call(key, cfg)
+    def build() -> _ForwardLaunch:
+        launches: Dict[LaunchConfig, _ForwardLaunch] = {}  # built once per candidate: tables go to the GPU
+
+        def launch(cfg: LaunchConfig) -> None:
+            if cfg not in launches:
+                launches[cfg] = _ForwardLaunch(key, cfg)
+            launches[cfg](*tensors)
+
+        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial), launch)
+        return launches.get(cfg) or _ForwardLaunch(key, cfg)
 
     _CALLS.get(key, build)(*tensors)
     return out, lse

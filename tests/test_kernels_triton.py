@@ -100,14 +100,16 @@ def test_launch_configs_agree(monkeypatch, config, rpb_tile):
 
 
 def _distinct_candidates():
-    # Warps and stages do not change the interpreter's result: one case per (kernel, rank, tile, rows).
+    # Warps and stages do not change the interpreter's result: one case per (kernel, rank, tile,
+    # rows, window tables).
     seen = {}
     for kind, by_rank in triton_na._CANDIDATES.items():
         for rank, configs in by_rank.items():
             for config in configs:
-                seen.setdefault((kind, rank, config.tile, config.rows), config)
-    return [pytest.param(kind, rank, config, id=f"{kind}-{rank}d-{'x'.join(map(str, tile))}-r{rows}")
-            for (kind, rank, tile, rows), config in seen.items()]
+                seen.setdefault((kind, rank, config.tile, config.rows, config.table), config)
+    return [pytest.param(kind, rank, config,
+                         id=f"{kind}-{rank}d-{'x'.join(map(str, tile))}-r{rows}{'-table' if table else ''}")
+            for (kind, rank, tile, rows, table), config in seen.items()]
 
 
 # (spatial, kernel, dilation, stride) per rank: ragged against every candidate tile.
@@ -124,6 +126,69 @@ def test_every_tuning_candidate_matches_reference(monkeypatch, kind, rank, confi
     spatial, kernel, dilation, stride = _CANDIDATE_CASES[rank]
     q, k, v, rpb = _inputs(spatial, kernel, 16, True)
     _assert_triton_matches_reference(FN[rank], q, k, v, rpb, kernel, dilation, stride)
+
+
+WINDOW_TABLE_CASES = [
+    # rank, spatial, kernel, dilation, stride, tile: ragged tiles and maps, dilation groups of
+    # different lengths, strides whose groups cut tiles, windows
+    pytest.param(1, (37,), 5, 3, 2, (1, 1, 64), id="1d-dil3-stride2"),
+    pytest.param(2, (13, 11), 3, 1, 1, (1, 4, 8), id="2d-k3"),
+    pytest.param(2, (17, 19), 5, 2, 1, (1, 4, 8), id="2d-dil2-ragged-groups"),
+    pytest.param(2, (16, 16), 7, 1, 7, (1, 4, 8), id="2d-window7"),
+    pytest.param(2, (14, 17), (3, 5), (2, 1), (1, 2), (1, 8, 8), id="2d-per-axis"),
+    pytest.param(3, (5, 9, 10), 3, (1, 2, 1), (2, 1, 1), (2, 4, 8), id="3d"),
+]
+
+
+@pytest.mark.parametrize("rank, spatial, kernel, dilation, stride, tile", WINDOW_TABLE_CASES)
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16 q, fp32 rpb", "fp16"])
+def test_window_tables_match_reference(monkeypatch, rank, spatial, kernel, dilation, stride, tile, dtypes):
+    """The forward reading its windows from per-tile-class tables (any rank), with and without
+    rpb: the reference's outputs, also with an fp32 rpb split into two fp16 parts. And where the
+    tables would be too large the kernel computes the windows instead (same outputs)."""
+    table = LaunchConfig(tile, 2 if rank > 1 else 1, 2, 2, table=True)
+    monkeypatch.setattr(triton_na, "_candidates",
+                        lambda k, r: [table] if k == "fwd" else [triton_na._CANDIDATES[k][r][0]])
+    q_dtype = torch.float32 if dtypes == "fp32" else torch.float16
+    rpb_dtype = torch.float16 if dtypes == "fp16" else torch.float32
+    q, k, v, rpb = (t.detach() for t in _inputs(spatial, kernel, 16, True))
+    q, k, v, rpb = q.to(q_dtype), k.to(q_dtype), v.to(q_dtype), rpb.to(rpb_dtype)
+    tol = dict(rtol=1e-5, atol=2e-5) if q_dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for table_max in (triton_na._TABLE_MAX, 0):
+        monkeypatch.setattr(triton_na, "_TABLE_MAX", table_max)
+        monkeypatch.setattr(triton_na, "_CALLS", CallCache())
+        for bias in (rpb, None):
+            got = FN[rank](q, k, v, kernel, dilation, stride, rpb=bias, backend="triton")
+            want = FN[rank](q.double(), k.double(), v.double(), kernel, dilation, stride,
+                            rpb=None if bias is None else bias.double(), backend="reference")
+            torch.testing.assert_close(got.double(), want, **tol)
+        launches = list(triton_na._CALLS.entries.values())
+        assert all((launch.classes is not None) == (table_max > 0) for launch in launches)  # tables where they fit
+
+
+def test_window_table_splits_an_rpb_of_another_dtype():
+    """An fp32 rpb beside fp16 q is written as two fp16 parts whose sum keeps 16 bits of its
+    mantissa (error <= 2^-17 relative; one fp16 part alone rounds at 2^-11), and masked entries are
+    the finite masked value in the first part and 0 in the second."""
+    q = torch.zeros(1, 12, 12, 2, 16, dtype=torch.float16, device=DEVICE)
+    rpb = torch.randn(2, 7, 7, device=DEVICE)
+    params = triton_na._params(q, (4, 4), (1, 1), (1, 1), 0.25)
+    key = triton_na._call_key("fwd", params, q, rpb)
+    launch = triton_na._ForwardLaunch(key, LaunchConfig((1, 4, 8), 2, 2, 2, table=True))
+    assert launch.split == 2
+    table = torch.empty((2, 2 * launch.table_elements), dtype=torch.float16, device=DEVICE)
+    launch.expand(rpb, launch.index, table)
+    step = launch.expand.meta["STEP"]  # one step's [TQ, ROWS * BLOCK_KW] entries
+    parts = table.view(2, -1, 2, step).float()
+    index = launch.index.view(-1, step)
+    valid = index >= 0
+    want = rpb.reshape(2, -1)[:, index.clamp(min=0)]
+    total = parts[:, :, 0] + parts[:, :, 1]
+    err = ((total - want).abs() / want.abs().clamp(min=1e-3))[:, valid]
+    assert err.max() <= 2.0 ** -17
+    assert ((parts[:, :, 0] - want).abs() / want.abs().clamp(min=1e-3))[:, valid].max() > 2.0 ** -14
+    assert (parts[:, :, 0][:, ~valid] == triton_na._MASKED[torch.float16]).all()
+    assert (parts[:, :, 1][:, ~valid] == 0).all()
 
 
 @pytest.mark.parametrize("length, kernel, dilation, stride, tile", [

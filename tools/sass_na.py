@@ -33,9 +33,10 @@ _BACK_BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 
 
 def _config(text: str) -> triton_na.LaunchConfig:
-    tile, rows, warps, *cap = text.split("/")  # tile/rows/warps[/mREGISTERS]
+    tile, rows, warps, *options = text.split("/")  # tile/rows/warps[/mREGISTERS][/t]
+    cap = next((int(o[1:]) for o in options if o.startswith("m")), None)
     return triton_na.LaunchConfig(tuple(int(n) for n in tile.split("x")), int(rows[1:]), int(warps[1:]), 2,
-                                  int(cap[0][1:]) if cap else None)
+                                  cap, table="t" in options)
 
 
 def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
@@ -54,7 +55,7 @@ def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
 def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: bool, stages: int):
     """``kind`` ("fwd", "dq" or "dkdv") compiled for sm_90 as ``JITFunction.run`` would specialize it."""
     key = _call_key("fwd" if kind == "fwd" else "bwd", shape, rpb)
-    call = triton_na._fwd_call(key, cfg) if kind == "fwd" else triton_na._bwd_calls(key, cfg, cfg)[kind == "dkdv"]
+    call = triton_na._ForwardLaunch(key[:6] + ("cpu",) + key[7:] + (torch.bfloat16,), cfg).call if kind == "fwd" else triton_na._bwd_calls(key, cfg, cfg)[kind == "dkdv"]
     names = [p.name for p in call.kernel.params]
     pointers = sum(name.endswith("_ptr") for name in names)  # the kernels take their tensors first
     values = dict(zip(names[pointers:pointers + len(call.scalars)], call.scalars))
@@ -64,7 +65,8 @@ def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: 
         if p.name in call.meta:
             signature[p.name], constexprs[(i,)] = "constexpr", call.meta[p.name]
         elif p.name.endswith("_ptr"):
-            signature[p.name] = "*fp32" if p.name in fp32_pointers else "*bf16"
+            signature[p.name] = ("*fp32" if p.name in fp32_pointers else "*i32" if p.name == "class_ptr"
+                                 else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(values[p.name], float):
             signature[p.name] = "fp32"
@@ -118,7 +120,7 @@ def summarize(sass: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="nat-t-s1", choices=[s.name for s in SHAPES])
-    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps[/mREGISTERS], e.g. 1x4x8/r2/w2/m80")
+    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps[/mREGISTERS][/t: window tables], e.g. 1x4x8/r2/w2/m80")
     parser.add_argument("--dq", default="1x8x8/r2/w2")
     parser.add_argument("--dkdv", default="1x4x8/r1/w2")
     parser.add_argument("--stages", type=int, default=2)

@@ -26,6 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES])
     parser.add_argument("--no-rpb", action="store_true")
+    parser.add_argument("--forward-only", action="store_true", help="tune the forward kernel only")
+    parser.add_argument("--rpb-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the rpb (the models' is float32, under autocast)")
     parser.add_argument("--tiles", nargs="+", type=_tile, help="2-D tile candidates, e.g. 1x8x8 1x4x8")
     parser.add_argument("--rows", nargs="+", type=int, help="key rows per step of the query-centric kernels")
     parser.add_argument("--warps", nargs="+", type=int)
@@ -47,14 +50,16 @@ def main() -> None:
         q, k, v = (torch.randn(shape.batch, shape.height, shape.width, shape.heads, shape.head_dim, device="cuda",
                                dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         rpb = None if args.no_rpb else torch.zeros(shape.heads, 2 * shape.kernel_size - 1, 2 * shape.kernel_size - 1,
-                                                   device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                                                   device="cuda", dtype=getattr(torch, args.rpb_dtype),
+                                                   requires_grad=True)
         triton_na.TUNER.timings.clear()
         triton_na.TUNER.best.clear()
         triton_na._CALLS.entries.clear()  # cached launches would skip the tuning
         out = na2d(q, k, v, shape.kernel_size, shape.dilation, shape.stride, rpb=rpb, backend="triton")
-        out.backward(torch.randn_like(out))
+        if not args.forward_only:
+            out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
-        print(f"== {shape.name} (rpb={rpb is not None}) tuned in {time.time() - t0:.0f}s", flush=True)
+        print(f"== {shape.name} (rpb={rpb is not None and args.rpb_dtype}) tuned in {time.time() - t0:.0f}s", flush=True)
         for key, timings in triton_na.TUNER.timings.items():
             ranked = sorted(timings.items(), key=lambda kv: kv[1])
             print(f"  {key[0]:9s} " + "  ".join(f"{c}={ms:.4f}" for c, ms in ranked), flush=True)
