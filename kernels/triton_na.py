@@ -11,7 +11,12 @@ interleaved sub-grids; a program works inside one sub-grid of one (batch, head).
   the halo ``ROWS`` key rows (of ``BLOCK_KW`` keys along W) per step, computes the logits of
   the whole query tile against them with ``tl.dot``, masks keys outside each query's own window,
   adds the rpb and folds the step into an online softmax (base 2). Only the output and the
-  log-sum-exp reach memory: nothing of size ``N x k^d``.
+  log-sum-exp reach memory: nothing of size ``N x k^d``. With window tables (a launch option, tuned
+  like the others) the masks and the rpb of each step come instead from a small table per *tile
+  class* (tiles whose queries see the same windows: all interior tiles share one), built on the
+  host once per geometry and, with rpb, filled from it per call by one small launch; the table
+  enters the logits as a matrix product onto ``q k^T``, so it is loaded through the same pipeline
+  as K and V.
 * Backward, query-centric (``_na_bwd_dq_kernel``): the same walk recomputes the probabilities from
   the log-sum-exp and accumulates dQ in registers. The rpb gradient is first reduced over the
   queries of each tile row by a matmul with a 0/1 offset matrix, then added atomically into a small
@@ -676,31 +681,33 @@ def _window_index(params: NAParams, cfg: LaunchConfig,
     spatial = (1,) * (3 - len(params.spatial)) + tuple(params.spatial)
     kernels, dilations, strides = _lift_params(params)
     rows = walk["ROWS"]
-    steps_h = -(-walk["HALO_H"] // rows)
+    steps_h = triton.cdiv(walk["HALO_H"], rows)
     extents = (walk["HALO_T"], steps_h * rows, walk["BLOCK_KW"])
-    grid0 = math.prod(-(-(-(-n // d)) // t) for n, d, t in zip(spatial, dilations, cfg.tile))
+    grid0 = math.prod(triton.cdiv(triton.cdiv(n, d), t) for n, d, t in zip(spatial, dilations, cfg.tile))
     axis_classes: List[Dict[bytes, int]] = [{}, {}, {}]
     axis_windows: List[List[Tuple[np.ndarray, np.ndarray]]] = [[], [], []]
+
+    def axis_class(axis: int, sub_len: int, index: int) -> int:
+        windows = _axis_windows(sub_len, kernels[axis], strides[axis], cfg.tile[axis], extents[axis], index)
+        desc = windows[0].tobytes() + windows[1].tobytes()
+        if desc not in axis_classes[axis]:
+            axis_classes[axis][desc] = len(axis_windows[axis])
+            axis_windows[axis].append(windows)
+        return axis_classes[axis][desc]
+
     triples: Dict[Tuple[int, int, int], int] = {}
     classes = []
+    pid = np.arange(grid0)
     for group in np.ndindex(*dilations):
-        sub = [-(-(n - g) // d) for n, g, d in zip(spatial, group, dilations)]
-        tiles = [-(-n // t) for n, t in zip(sub, cfg.tile)]
-        pid = np.arange(grid0)
+        sub = [triton.cdiv(n - g, d) for n, g, d in zip(spatial, group, dilations)]
+        tiles = [triton.cdiv(n, t) for n, t in zip(sub, cfg.tile)]
+        # This group's tile index per axis of every program (as :func:`_tile` splits grid[0]),
+        # and each axis's classes per tile index: one window computation per axis tile.
         tile_index = (pid // (tiles[1] * tiles[2]), (pid // tiles[2]) % tiles[1], pid % tiles[2])
-        row = []
-        for p in range(grid0):
-            triple = []
-            for axis in range(3):
-                windows = _axis_windows(sub[axis], kernels[axis], strides[axis], cfg.tile[axis], extents[axis],
-                                        int(tile_index[axis][p]))
-                desc = windows[0].tobytes() + windows[1].tobytes()
-                if desc not in axis_classes[axis]:
-                    axis_classes[axis][desc] = len(axis_windows[axis])
-                    axis_windows[axis].append(windows)
-                triple.append(axis_classes[axis][desc])
-            row.append(triples.setdefault(tuple(triple), len(triples)))
-        classes.append(row)
+        per_axis = [np.array([axis_class(axis, sub[axis], int(i)) for i in range(int(tile_index[axis].max()) + 1)])
+                    for axis in range(3)]
+        combos = zip(*(per_axis[axis][tile_index[axis]].tolist() for axis in range(3)))
+        classes.append([triples.setdefault(combo, len(triples)) for combo in combos])
     tq, rb = math.prod(cfg.tile), rows * walk["BLOCK_KW"]
     elements = len(triples) * extents[0] * steps_h * tq * rb
     if elements > max_elements:

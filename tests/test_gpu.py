@@ -175,6 +175,33 @@ def test_every_2d_tuning_candidate_on_cuda(monkeypatch, kind):
             assert rel < NA_TOLERANCE[torch.bfloat16], f"{config} {name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("rpb_dtype", [torch.bfloat16, torch.float32, None], ids=str)
+def test_window_table_forwards_at_nat_t_stage_1_on_cuda(monkeypatch, rpb_dtype):
+    """Every window-table forward candidate at NAT-T stage-1 geometry (B4) in bf16: finite and the
+    fp64 reference's output, with a bf16 rpb, an fp32 one (split into two bf16 parts) and none.
+    Queries of the tiles' lower rows see no key of their window in the first step; with rpb that
+    step once turned into NaN on the GPU (the masked value's exp2 rounding), not on the CPU."""
+    from visattn.kernels import na2d, na2d_qkv, triton_na
+    from visattn.kernels._triton_common import CallCache
+
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 56, 56, 3, 2, 32, device="cuda")
+    rpb = 0.02 * torch.randn(2, 13, 13, device="cuda")
+    bias = None if rpb_dtype is None else rpb.to(rpb_dtype)
+    q, k, v = qkv.bfloat16().double().unbind(3)
+    want = na2d(q, k, v, 7, rpb=None if bias is None else bias.double(), backend="reference")
+    tables = [c for c in triton_na._CANDIDATES["fwd"][2] if c.table]
+    assert tables
+    for config in tables:
+        monkeypatch.setattr(triton_na, "_candidates", lambda k_, r, c=config: [c])
+        monkeypatch.setattr(triton_na, "_CALLS", CallCache())
+        out = na2d_qkv(qkv.bfloat16(), 7, rpb=bias, backend="triton")
+        assert torch.isfinite(out).all(), config
+        rel = ((out.double() - want).norm() / want.norm()).item()
+        assert rel < NA_TOLERANCE[torch.bfloat16], f"{config}: relative error {rel:.2e}"
+        assert next(iter(triton_na._CALLS.entries.values())).classes is not None  # the tables were read
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_packed_qkv_gradient_on_cuda(dtype):
     """na2d_qkv at NAT-T stage-1 size (B4): the packed qkv gradient the kernels write equals the
