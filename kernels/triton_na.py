@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -271,7 +272,8 @@ def _na_fwd_kernel(
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * s_id, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
-    out = acc / l_i[:, None]
+    # One reciprocal per query row, not a division per element (the epilogue's largest cost).
+    out = acc * (1.0 / l_i)[:, None]
     # Base-2 log-sum-exp per query, [B, heads, T * H * W] contiguous, for the backward.
     lse_off = (b * HEADS + n) * T * H * W + ((qt * DT + gt) * H + qh * DH + gh) * W + qw * DW + gw
     tl.store(lse_ptr + lse_off, m_i * _base2_unit(HAS_RPB) + tl.log2(l_i), mask=q_valid)
@@ -498,6 +500,17 @@ class LaunchConfig:
         table = "/t" if self.table else ""
         return f"{'x'.join(map(str, self.tile))}/r{self.rows}/w{self.num_warps}/s{self.num_stages}{cap}{table}"
 
+    @classmethod
+    def parse(cls, text: str) -> "LaunchConfig":
+        """The config :meth:`__str__` writes: ``TxHxW/rROWS/wWARPS[/sSTAGES][/mREGISTERS][/t]``
+        (stages 2 when left out), e.g. ``1x4x8/r2/w2/s3/t``."""
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)/r(\d+)/w(\d+)(?:/s(\d+))?(?:/m(\d+))?(/t)?", text)
+        if match is None:
+            raise ValueError(f"a launch config is TxHxW/rROWS/wWARPS[/sSTAGES][/mREGISTERS][/t], got {text!r}")
+        t, h, w, rows, warps, stages, cap, table = match.groups()
+        return cls((int(t), int(h), int(w)), int(rows), int(warps), int(stages or 2), int(cap) if cap else None,
+                   table is not None)
+
 
 # Candidates per kernel and rank, the interpreter's default first. Few on purpose: every candidate
 # is a compilation (about a second) per kernel and shape class. 2-D lists from tools/tune_na.py on
@@ -511,15 +524,19 @@ class LaunchConfig:
 # (168, 128) were 10-40% slower. Window tables (``table``, tools/tune_na.py, H200, 2026-12-03,
 # bf16 rpb): 12-33% faster forwards at NAT-T / DiNAT-T stage 1, DiNAT-L-384 stage 1, k13 and the
 # HAT-like windows (the 8x8 tile at k13); the computed windows stay for the small NAT-T stage 3
-# and were 2-5% faster without rpb.
+# and were 2-5% faster without rpb. One-warp programs (tools/tune_na.py, H200, 2026-12-03 19:10 UTC):
+# 4x8 tables with 3 stages 5-8% faster at NAT-T / DiNAT-T stage 1 and the windows (bf16 rpb), 2x8
+# (16 queries, 8 halo rows instead of 10) 12% faster with an fp32 rpb and 2% without rpb; the 8x8
+# 4-warp tables with 3 stages within 1% of the best at DiNAT-T dilation 8.
 _C = LaunchConfig
 _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "fwd": {
         1: [_C((1, 1, 64), 2, 4, 2), _C((1, 1, 64), 2, 2, 2), _C((1, 1, 128), 2, 4, 2), _C((1, 1, 64), 1, 4, 2)],
         2: [_C((1, 4, 8), 2, 2, 2, table=True), _C((1, 4, 8), 2, 2, 3, table=True),
             _C((1, 4, 8), 2, 2, 2, 72, table=True), _C((1, 8, 8), 2, 4, 2, table=True),
-            _C((1, 8, 8), 2, 2, 2, table=True), _C((1, 4, 8), 4, 2, 2, table=True),
-            _C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 4, 8), 1, 2, 2), _C((1, 8, 8), 2, 4, 2),
+            _C((1, 8, 8), 2, 4, 3, table=True), _C((1, 4, 8), 2, 1, 3, table=True),
+            _C((1, 2, 8), 2, 1, 3, table=True),
+            _C((1, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 2, 2), _C((1, 2, 8), 2, 1, 2), _C((1, 8, 8), 2, 4, 2),
             _C((1, 8, 16), 1, 4, 2), _C((1, 4, 8), 2, 2, 2, 88), _C((1, 4, 8), 2, 2, 3, 88),
             _C((1, 4, 8), 2, 2, 2, 80), _C((1, 4, 8), 2, 2, 2, 72)],
         3: [_C((2, 4, 8), 2, 4, 2), _C((2, 4, 8), 2, 2, 2), _C((1, 8, 8), 2, 4, 2), _C((2, 4, 8), 1, 4, 2)],

@@ -136,6 +136,7 @@ WINDOW_TABLE_CASES = [
     pytest.param(2, (17, 19), 5, 2, 1, (1, 4, 8), id="2d-dil2-ragged-groups"),
     pytest.param(2, (16, 16), 7, 1, 7, (1, 4, 8), id="2d-window7"),
     pytest.param(2, (14, 17), (3, 5), (2, 1), (1, 2), (1, 8, 8), id="2d-per-axis"),
+    pytest.param(2, (15, 12), 5, 1, 1, (1, 2, 8), id="2d-16-query-tiles"),
     pytest.param(3, (5, 9, 10), 3, (1, 2, 1), (2, 1, 1), (2, 4, 8), id="3d"),
 ]
 

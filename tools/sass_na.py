@@ -32,13 +32,6 @@ _LABEL = re.compile(r"\s*\.(L_x_\d+):")
 _BACK_BRANCH = re.compile(r"BRA\s+`?\(?\.?(L_x_\d+)")
 
 
-def _config(text: str) -> triton_na.LaunchConfig:
-    tile, rows, warps, *options = text.split("/")  # tile/rows/warps[/mREGISTERS][/t]
-    cap = next((int(o[1:]) for o in options if o.startswith("m")), None)
-    return triton_na.LaunchConfig(tuple(int(n) for n in tile.split("x")), int(rows[1:]), int(warps[1:]), 2,
-                                  cap, table="t" in options)
-
-
 def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
     """The launch key of ``shape`` with q, k, v sliced from a ``[B, H, W, 3, heads, D]`` qkv (and,
     for the backward, their gradients written into one such tensor, as the models' calls do)."""
@@ -52,7 +45,7 @@ def _call_key(kind: str, shape: NAShape, rpb: bool) -> tuple:
     return (kind, params, q_shape, q_strides, torch.bfloat16, rpb_strides if rpb else None, "cuda", kind == "bwd")
 
 
-def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: bool, stages: int):
+def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: bool):
     """``kind`` ("fwd", "dq" or "dkdv") compiled for sm_90 as ``JITFunction.run`` would specialize it."""
     key = _call_key("fwd" if kind == "fwd" else "bwd", shape, rpb)
     call = triton_na._ForwardLaunch(key[:6] + ("cpu",) + key[7:] + (torch.bfloat16,), cfg).call if kind == "fwd" else triton_na._bwd_calls(key, cfg, cfg)[kind == "dkdv"]
@@ -77,9 +70,9 @@ def compile_kernel(kind: str, shape: NAShape, cfg: triton_na.LaunchConfig, rpb: 
             if values[p.name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=call.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    # The launch options the call passes (warps, a register cap), the stages asked for here.
+    # The launch options the call passes (warps, a register cap) and the config's stages.
     options = {key: call.meta[key] for key in ("num_warps", "maxnreg") if key in call.meta}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**options, "num_stages": stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**options, "num_stages": cfg.num_stages})
 
 
 def disassemble(compiled) -> str:
@@ -120,16 +113,15 @@ def summarize(sass: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="nat-t-s1", choices=[s.name for s in SHAPES])
-    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps[/mREGISTERS][/t: window tables], e.g. 1x4x8/r2/w2/m80")
+    parser.add_argument("--fwd", default="1x4x8/r2/w2", help="tile/rows/warps[/sSTAGES][/mREGISTERS][/t: window tables], e.g. 1x4x8/r2/w2/s3/m80/t")
     parser.add_argument("--dq", default="1x8x8/r2/w2")
     parser.add_argument("--dkdv", default="1x4x8/r1/w2")
-    parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
     args = parser.parse_args()
     shape = next(s for s in SHAPES if s.name == args.shape)
     for kind in args.kernels:
         for rpb in (True, False):
-            compiled = compile_kernel(kind, shape, _config(getattr(args, kind)), rpb, args.stages)
+            compiled = compile_kernel(kind, shape, triton_na.LaunchConfig.parse(getattr(args, kind)), rpb)
             print(f"{kind} {'rpb' if rpb else 'no-rpb'} ({getattr(args, kind)}, {registers(compiled)} registers): "
                   f"{summarize(disassemble(compiled))}",
                   flush=True)

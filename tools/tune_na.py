@@ -3,7 +3,8 @@
 Prints, per shape and kernel, each candidate's median ms, the best first; used to choose the
 candidate lists and defaults in kernels/triton_na.py. ``--tiles / --rows / --warps / --stages /
 --max-registers`` replace the 2-D candidate lists of every kernel for the run by their product (to
-time configurations that are not candidates).
+time configurations that are not candidates); ``--configs`` replaces the 2-D forward candidates by
+the configs named (``LaunchConfig`` strings, e.g. ``1x4x8/r2/w2/s3/t``).
 """
 import argparse
 import time
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--warps", nargs="+", type=int)
     parser.add_argument("--stages", nargs="+", type=int)
     parser.add_argument("--max-registers", nargs="+", type=int, help="register caps per thread (0: none)")
+    parser.add_argument("--configs", nargs="+", type=triton_na.LaunchConfig.parse,
+                        help="2-D forward candidates, e.g. 1x4x8/r2/w2/s3/t 1x2x8/r2/w1/t")
     args = parser.parse_args()
     if args.tiles or args.rows or args.warps or args.stages or args.max_registers:
         for kind, by_rank in triton_na._CANDIDATES.items():
@@ -45,6 +48,8 @@ def main() -> None:
             caps = args.max_registers or sorted({c.max_registers or 0 for c in current})
             by_rank[2] = [triton_na.LaunchConfig(t, r, w, s, m or None)
                           for t in tiles for r in rows for w in warps for s in stages for m in caps]
+    if args.configs:
+        triton_na._CANDIDATES["fwd"][2] = args.configs
     for shape in (s for s in SHAPES if s.name in args.shapes):
         t0 = time.time()
         q, k, v = (torch.randn(shape.batch, shape.height, shape.width, shape.heads, shape.head_dim, device="cuda",
