@@ -844,9 +844,12 @@ def _bwd_calls(key: tuple, cfg_dq: LaunchConfig, cfg_dkdv: LaunchConfig) -> Tupl
     return dq, KernelCall(_na_bwd_dkdv_kernel, grid, tensor_scalars, meta)
 
 
-def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype, has_rpb: bool) -> tuple:
+def _shape_class(params: NAParams, q_shape: Sequence[int], dtype: torch.dtype,
+                 rpb_dtype: Optional[torch.dtype]) -> tuple:
     # Size buckets (powers of two of the token count and of the batch x heads) keep tuning per class.
-    return (_lift_params(params), q_shape[-1], dtype, has_rpb, math.prod(params.spatial).bit_length(),
+    # The rpb's dtype (None: no rpb) too: an fp32 rpb under bf16 q doubles the window tables, and
+    # the fastest forward differs (tools/tune_na.py, H200, 2026-12-03: 2x8 tiles, not 4x8).
+    return (_lift_params(params), q_shape[-1], dtype, rpb_dtype, math.prod(params.spatial).bit_length(),
             (q_shape[0] * q_shape[-2]).bit_length())
 
 
@@ -883,7 +886,8 @@ def na_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NAPara
                 launches[cfg] = _ForwardLaunch(key, cfg)
             launches[cfg](*tensors)
 
-        cfg = _tuned("fwd", _shape_class(params, q.shape, q.dtype, rpb is not None), len(params.spatial), launch)
+        shape_class = _shape_class(params, q.shape, q.dtype, None if rpb is None else rpb.dtype)
+        cfg = _tuned("fwd", shape_class, len(params.spatial), launch)
         return launches.get(cfg) or _ForwardLaunch(key, cfg)
 
     _CALLS.get(key, build)(*tensors)
@@ -920,7 +924,7 @@ def na_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     key = _call_key("bwd", params, q, rpb_c, grad_like_input=grad_qkv is not None)
 
     def build() -> Tuple[KernelCall, KernelCall]:
-        shape_class = _shape_class(params, q.shape, q.dtype, rpb is not None)
+        shape_class = _shape_class(params, q.shape, q.dtype, None if rpb is None else rpb.dtype)
         rank, default = len(params.spatial), _candidates("bwd_dkdv", len(params.spatial))[0]
 
         def launch_dq(cfg: LaunchConfig) -> None:

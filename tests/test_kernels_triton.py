@@ -459,3 +459,21 @@ def test_tuner_remembers_timed_picks_only(monkeypatch):
     assert tuner.pick("k", ["a", "b"], launched.append) == "b"
     assert tuner.timings == {"k": {"a": 3.0, "b": 1.0}} and len(launched) == 4  # two rounds
     assert tuner.pick("k", ["a", "b"], launched.append) == "b" and len(launched) == 4  # remembered
+
+
+def test_forward_tuning_class_includes_the_rpb_dtype(monkeypatch):
+    """The tuner times the forward per shape class; an fp32 rpb (the models' under autocast) and one
+    of q's dtype are two classes (their fastest launches differ), a repeated dtype is not a new one."""
+    keys = []
+
+    def pick(key, candidates, launch):
+        keys.append(key)
+        return candidates[0]
+
+    monkeypatch.setattr(triton_na.TUNER, "pick", pick)
+    q, k, v, rpb = (t.detach().half() for t in _inputs((9, 10), 3, 16, True))
+    for bias in (rpb, rpb.float(), rpb.clone(), None):
+        monkeypatch.setattr(triton_na, "_CALLS", CallCache())  # each call asks the tuner
+        na2d(q, k, v, 3, rpb=bias, backend="triton")
+    forward = [key for key in keys if key[0] == "fwd"]
+    assert len(forward) == 4 and len(set(forward)) == 3, forward
