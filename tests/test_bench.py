@@ -11,7 +11,7 @@ import torch
 import visattn.models.hat  # noqa: F401  (registers the HAT models)
 from visattn.bench.biformer_official_port import OfficialBRAPort
 from visattn.bench.hat_official_port import OfficialHATPort, hyperparameters_of, official_state_dict
-from visattn.bench.na import SHAPES, NAShape, flex_mods
+from visattn.bench.na import SHAPES, NAShape, flex_mods, summarize
 from visattn.cli import main
 from visattn.kernels import na2d
 from visattn.layers import BiLevelRoutingAttention
@@ -141,6 +141,19 @@ def test_official_bra_port_has_the_official_layout():
     expected = [(k[len(prefix):], list(s)) for k, s in load_manifest("biformer_small")["state_dict"] if k.startswith(prefix)]
     port = OfficialBRAPort(128, 4, 7, 128, 4)
     assert [(k, list(v.shape)) for k, v in port.state_dict().items()] == expected
+
+
+def test_na_summary_puts_both_timings_against_the_roofline():
+    """The forward's roofline ratio from one graph replay and from the per-call time of calls
+    replayed back to back; rows without the per-call timing show neither of its columns."""
+    row = {"shape": "s", "mode": "fwd", "ms": {"triton": 0.1}, "graph_ms": {"triton": 0.05}, "errors": {},
+           "peak_bytes": {}, "roofline_ms": 0.0125, "per_call_graph_ms": {"triton": 0.04}}
+    header, _, line = summarize([row]).splitlines()
+    cell = lambda column: line[header.index(column):].split()[0]  # cells start under their column names
+    assert cell("triton/roofline") == "4.00x"
+    assert cell("triton per-call graph") == "0.0400" and cell("per-call/roofline") == "3.20x"
+    del row["per_call_graph_ms"]
+    assert "3.20x" not in summarize([row]) and "0.0400" not in summarize([row])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")

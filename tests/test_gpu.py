@@ -532,6 +532,26 @@ def test_bench_model_interleaves_rounds():
             assert 0 < r["peak_GiB"] < total
 
 
+def test_bench_na_per_call_timing_leaves_the_inputs_and_launches_alone():
+    """The per-call timing of ``visattn bench na`` captures its calls on copies of qkv: it returns
+    a finite time, the original is unchanged, and the copies (same strides) reuse the cached
+    launch of the original's call, adding none."""
+    from visattn.bench.na import NAShape, per_call_graph_ms
+    from visattn.kernels import na2d_qkv, triton_na
+
+    shape = NAShape("small", 2, 2, 24, 24, 32, 7)
+    qkv = torch.randn(2, 24, 24, 3, 2, 32, device="cuda", dtype=torch.bfloat16)
+    rpb = torch.randn(2, 13, 13, device="cuda", dtype=torch.bfloat16)
+    before = qkv.clone()
+    with torch.no_grad():
+        na2d_qkv(qkv, 7, rpb=rpb, backend="triton")
+    launches = len(triton_na._CALLS.entries)
+    ms = per_call_graph_ms(shape, qkv, rpb)
+    assert 0 < ms < float("inf")
+    assert torch.equal(qkv, before)
+    assert len(triton_na._CALLS.entries) == launches
+
+
 # --- CUDA graphs of the fused blocks ----------------------------------------------------------
 
 def _graph_test_blocks(drop_path=0.0, layer_scale=None):

@@ -8,11 +8,19 @@ two ways: eager (one call after another, the host's launch overhead included) an
 CUDA graph (the kernels' GPU time alone; a competitor that cannot be captured is reported as such);
 the HBM roofline of the forward (bytes of q, k, v, out at the measured copy bandwidth) and the peak
 memory of forward+backward. Prints a table, writes JSON and a PNG bar chart.
+
+A single graph replay's time also holds the replay's fixed cost (a few µs, a tenth of the NAT-T
+stage-1 forward), which the copy that measures the bandwidth, one long kernel, does not pay. So
+visattn's forward is also timed per call of several calls replayed back to back from one graph,
+each on its own copy of the inputs, the copies together at least twice the L2 (every call reads
+its inputs from HBM, as a lone call after an L2 flush does): ``per_call_graph_ms`` in the JSON,
+and the roofline ratio of both.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -157,6 +165,20 @@ def _with_backward(run: Runner, grad_out: torch.Tensor) -> Runner:
     return step
 
 
+def per_call_graph_ms(shape: NAShape, qkv: torch.Tensor, rpb: Optional[torch.Tensor]) -> float:
+    """GPU ms per forward call of visattn's op, the calls replayed back to back from one CUDA graph,
+    each on its own copy of ``qkv`` (at least 4 copies, together at least twice the L2)."""
+    l2_bytes = torch.cuda.get_device_properties(qkv.device).L2_cache_size
+    copies = [qkv.clone() for _ in range(max(4, math.ceil(2 * l2_bytes / (qkv.numel() * qkv.element_size()))))]
+
+    def calls() -> None:
+        with torch.no_grad():
+            for packed in copies:
+                na2d_qkv(packed, shape.kernel_size, shape.dilation, shape.stride, rpb=rpb, backend="triton")
+
+    return graph_time_ms(calls) / len(copies)
+
+
 def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitors: List[str]) -> List[Dict[str, object]]:
     qkv, rpb = _make_inputs(shape, dtype)
     tensor_bytes = qkv.numel() // 3 * qkv.element_size()  # one of q, k, v, out
@@ -202,6 +224,9 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
             for t in leaves:
                 t.grad = None
         # The launch candidates the tuner picked for this case (kernel, with / without rpb).
+        if not backward:
+            row["per_call_graph_ms"] = {name: per_call_graph_ms(shape, qkv, rpb if "no-rpb" not in name else None)
+                                        for name in ("triton", "triton no-rpb") if name in row["graph_ms"]}
         row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na.TUNER.best.items()
                         if key not in tuned_before}
         tuned_before = set(triton_na.TUNER.best)
@@ -249,6 +274,10 @@ def summarize(rows: List[Dict[str, object]]) -> str:
         if row["roofline_ms"] and "triton" in ms:
             # Against the kernels' GPU time where it was measured.
             out["triton/roofline"] = f"{graph.get('triton', ms['triton']) / row['roofline_ms']:.2f}x"
+            per_call = row.get("per_call_graph_ms", {})
+            if "triton" in per_call:
+                out["triton per-call graph"] = f"{per_call['triton']:.4f}"
+                out["per-call/roofline"] = f"{per_call['triton'] / row['roofline_ms']:.2f}x"
         if row["mode"] == "fwd+bwd":
             # What a call allocates on top of its inputs (output, gradients, workspace; for visattn
             # also the packed qkv gradient autograd stacks from dq, dk, dv), over q, k, v, out and grads.
@@ -258,7 +287,8 @@ def summarize(rows: List[Dict[str, object]]) -> str:
         table.append(out)
     columns = (["shape", "mode"] + COMPETITORS + ["flex/triton", "flex/triton no-rpb", "natten/triton no-rpb"]
                + [f"{name} graph" for name in _GRAPH_COLUMNS] + ["flex/triton graph", "flex/triton no-rpb graph",
-                                                                 "triton/roofline", "triton extra/io", "flex extra/io",
+                                                                 "triton/roofline", "triton per-call graph",
+                                                                 "per-call/roofline", "triton extra/io", "flex extra/io",
                                                                  "max |diff|"])
     text = format_table(table, columns)
     errors = sorted({f"{name}: {err}" for row in rows for name, err in row["errors"].items()})
