@@ -225,8 +225,13 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
                 t.grad = None
         # The launch candidates the tuner picked for this case (kernel, with / without rpb).
         if not backward:
-            row["per_call_graph_ms"] = {name: per_call_graph_ms(shape, qkv, rpb if "no-rpb" not in name else None)
-                                        for name in ("triton", "triton no-rpb") if name in row["graph_ms"]}
+            row["per_call_graph_ms"] = {}
+            for name in ("triton", "triton no-rpb"):
+                if name in row["graph_ms"]:
+                    try:
+                        row["per_call_graph_ms"][name] = per_call_graph_ms(shape, qkv, None if "no-rpb" in name else rpb)
+                    except Exception as exc:  # reported like the other timings that cannot run
+                        row["errors"][f"{name} per-call graph"] = _error(exc)
         row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na.TUNER.best.items()
                         if key not in tuned_before}
         tuned_before = set(triton_na.TUNER.best)
