@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from visattn.bench.na import SHAPES
+from visattn.bench.na import SHAPES, _make_inputs
 from visattn.kernels import na2d_qkv, triton_na
 
 
@@ -26,10 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     shape = next(s for s in SHAPES if s.name == args.shape)
     triton_na._candidates = lambda kind, rank: [args.config] if kind == "fwd" else triton_na._CANDIDATES[kind][rank][:1]
-    qkv = torch.randn(shape.batch, shape.height, shape.width, 3, shape.heads, shape.head_dim, device="cuda",
-                      dtype=torch.bfloat16)
-    rpb = None if args.no_rpb else 0.02 * torch.randn(shape.heads, 2 * shape.kernel_size - 1,
-                                                      2 * shape.kernel_size - 1, device="cuda", dtype=torch.bfloat16)
+    qkv, rpb = _make_inputs(shape, torch.bfloat16)  # the benchmark's inputs
+    rpb = None if args.no_rpb else rpb
     with torch.no_grad():
         for _ in range(args.calls):
             na2d_qkv(qkv, shape.kernel_size, shape.dilation, shape.stride, rpb=rpb, backend="triton")

@@ -223,7 +223,6 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
                 row["errors"][name] = _error(exc)
             for t in leaves:
                 t.grad = None
-        # The launch candidates the tuner picked for this case (kernel, with / without rpb).
         if not backward:
             row["per_call_graph_ms"] = {}
             for name in ("triton", "triton no-rpb"):
@@ -232,6 +231,7 @@ def bench_shape(shape: NAShape, dtype: torch.dtype, bandwidth: float, competitor
                         row["per_call_graph_ms"][name] = per_call_graph_ms(shape, qkv, None if "no-rpb" in name else rpb)
                     except Exception as exc:  # reported like the other timings that cannot run
                         row["errors"][f"{name} per-call graph"] = _error(exc)
+        # The launch candidates the tuner picked for this case (kernel, with / without rpb).
         row["tuned"] = {f"{key[0]}{' rpb' if key[5] else ''}": str(cfg) for key, cfg in triton_na.TUNER.best.items()
                         if key not in tuned_before}
         tuned_before = set(triton_na.TUNER.best)
