@@ -199,3 +199,28 @@ def test_sass_tool_counts_the_forward_loop():
     for block in blocks:
         loops = [line for line in block.splitlines() if line.strip().startswith("loop of")]
         assert len(loops) == 1 and "HMMA" in loops[0] and "MUFU" in loops[0], result.stdout
+
+
+def test_bench_model_reports_a_model_out_of_memory_and_times_the_rest(monkeypatch, capsys):
+    """A model that does not fit beside the others (the reference backend at batch 128 on an 80 GB
+    card) is reported with the way to time it alone; the other models are still timed."""
+    from visattn.bench import model as bench_model
+
+    def prepared(spec, batch, image_size, optimizer, timing):
+        if spec.endswith("@reference"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 86.00 MiB.")
+        return bench_model.PreparedStep(lambda: None, 1.5, lambda: None)
+
+    monkeypatch.setattr(bench_model, "require_cuda", lambda: None)
+    monkeypatch.setattr(bench_model, "device_name", lambda: "test device")
+    monkeypatch.setattr(bench_model, "prepared_step", prepared)
+    monkeypatch.setattr(bench_model, "_step_ms", lambda run, steps: [40.0] * steps)
+    specs = ["visattn_dinat_t@triton", "visattn_dinat_t@reference", "swin_tiny_patch4_window7_224"]
+    payload = bench_model.run(specs, batch=128, image_size=224, out_dir=None, steps=2, timings=["eager"], rounds=2)
+    assert list(payload["results"]) == specs
+    assert payload["results"]["visattn_dinat_t@triton"]["eager"]["ms_per_step"] == 40.0
+    assert payload["results"]["swin_tiny_patch4_window7_224"]["eager"]["ms_per_step"] == 40.0
+    error = payload["results"]["visattn_dinat_t@reference"]["eager"]["error"]
+    assert "out of memory" in error and "--models visattn_dinat_t@reference" in error
+    printed = capsys.readouterr().out
+    assert "not run: visattn_dinat_t@reference (eager)" in printed

@@ -461,18 +461,23 @@ def test_direct_launch_keys_every_specialization():
     for dtype in (torch.float32, torch.bfloat16):
         buf = torch.randn(M * C + 8, device="cuda", dtype=dtype)
         w, b = torch.randn(C, device="cuda", dtype=dtype), torch.randn(C, device="cuda", dtype=dtype)
-        call = _fwd_call(M, C, C, C, 1e-5, True, True)
+
+        def tensors(rows, out, stats):  # X, Branch, Gamma, Keep, W, B, S, Y, Stats: the unused slots take rows / out
+            return rows, rows, rows, rows, w, b, out, out, stats
+
+        # A plain LayerNorm with weight and bias (no residual branch), as layer_norm_forward launches it.
+        call = _fwd_call(M, C, C, C, 1, 1.0, 1e-5, (False, False, False, False, True, True, True))
         for offset in (0, 1, 0, 3, 1):  # elements: 0 is 16-byte aligned, 1 and 3 are not
             rows = buf[offset:offset + M * C].view(M, C)
             out = torch.empty(M, C, device="cuda", dtype=dtype)
             stats = torch.empty(2 * M, device="cuda")
             for _ in range(2):  # the first call of a new signature goes through JITFunction.run
                 out.zero_()
-                call(rows, w, b, out, stats)
+                call(*tensors(rows, out, stats))
                 torch.testing.assert_close(out, torch.nn.functional.layer_norm(rows, (C,), w, b), rtol=2e-2, atol=2e-2)
             signature = (torch.cuda.current_device(),) + tuple(
-                (t.dtype, t.data_ptr() % 16 == 0) for t in (rows, w, b, out, stats))
-            jit = _layer_norm_fwd[call.grid](rows, w, b, out, stats, *call.scalars, **call.meta)
+                (t.dtype, t.data_ptr() % 16 == 0) for t in tensors(rows, out, stats))
+            jit = _layer_norm_fwd[call.grid](*tensors(rows, out, stats), *call.scalars, **call.meta)
             assert call._compiled[signature][0] is jit
         assert len(call._compiled) == 2  # aligned and misaligned rows: two specializations
 

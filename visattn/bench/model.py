@@ -145,6 +145,11 @@ def prepared_step(spec: str, batch: int, image_size: int, optimizer: str = "fuse
     return PreparedStep(run_step, (torch.cuda.max_memory_allocated() - before) / 2**30, step)
 
 
+def _out_of_memory(spec: str, exc: torch.OutOfMemoryError) -> str:
+    return (f"out of memory beside the other models ({str(exc).splitlines()[0][:100]}); "
+            f"time it alone with --models {spec}")
+
+
 def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], optimizer: str = "fused",
         steps: int = 10, timings: Sequence[str] = DEFAULT_TIMINGS, rounds: int = 3) -> Dict[str, object]:
     """Per timing, every model's step prepared side by side, then ``rounds`` rounds in which each
@@ -154,16 +159,24 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
     require_cuda()
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be at least 1, got {rounds} and {steps}")
-    results: Dict[str, Dict[str, Dict[str, object]]] = {}
+    results: Dict[str, Dict[str, Dict[str, object]]] = {spec: {} for spec in specs}
     for timing in timings:
-        prepared = {spec: prepared_step(spec, batch, image_size, optimizer, timing) for spec in specs}
-        samples: Dict[str, List[List[float]]] = {spec: [] for spec in specs}
+        prepared = {}
+        for spec in specs:
+            try:
+                prepared[spec] = prepared_step(spec, batch, image_size, optimizer, timing)
+            except torch.OutOfMemoryError as exc:
+                # The models live side by side (interleaved rounds): one that does not fit beside the
+                # others is reported, and the rest still run.
+                results[spec][timing] = {"error": _out_of_memory(spec, exc)}
+                torch.cuda.empty_cache()
+        samples: Dict[str, List[List[float]]] = {spec: [] for spec in prepared}
         for _ in range(rounds):
             for spec, prep in prepared.items():
                 samples[spec].append(_step_ms(prep.run, steps))
         for spec, prep in prepared.items():
             ms = statistics.median(t for round_ms in samples[spec] for t in round_ms)
-            results.setdefault(spec, {})[timing] = {
+            results[spec][timing] = {
                 "ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "peak_GiB": prep.peak_GiB,
                 "round_medians_ms": [statistics.median(round_ms) for round_ms in samples[spec]]}
         del prepared
@@ -172,7 +185,10 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
     for spec, by_timing in results.items():
         row = {"model": spec}
         for timing, r in by_timing.items():
-            first = results[specs[0]][timing]["images_per_s"]
+            if "error" in r:
+                row[f"{timing} ms/step"] = "out of memory"
+                continue
+            first = results[specs[0]][timing].get("images_per_s", float("nan"))
             spread = "-".join(f"{m:.1f}" for m in (min(r["round_medians_ms"]), max(r["round_medians_ms"])))
             row.update({f"{timing} ms/step": f"{r['ms_per_step']:.1f}", f"{timing} rounds": spread,
                         f"{timing} img/s": f"{r['images_per_s']:.0f}",
@@ -187,7 +203,12 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
         "warm_up_steps": WARM_UP_STEPS, "results": results,
     }
     print(f"training step (fwd+bwd+AdamW {optimizer}), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
-    print(format_table(rows, list(rows[0])))
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    print(format_table(rows, columns))
+    errors = [f"{spec} ({timing}): {r['error']}" for spec, by_timing in results.items()
+              for timing, r in by_timing.items() if "error" in r]
+    if errors:
+        print("not run: " + "; ".join(errors))
     if out_dir:
         write_json(os.path.join(out_dir, "model.json"), payload)
     return payload
