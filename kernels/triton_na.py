@@ -527,7 +527,11 @@ class LaunchConfig:
 # and were 2-5% faster without rpb. One-warp programs (tools/tune_na.py, H200, 2026-12-03 19:10 UTC):
 # 4x8 tables with 3 stages 5-8% faster at NAT-T / DiNAT-T stage 1 and the windows (bf16 rpb), 2x8
 # (16 queries, 8 halo rows instead of 10) 12% faster with an fp32 rpb and 2% without rpb; the 8x8
-# 4-warp tables with 3 stages within 1% of the best at DiNAT-T dilation 8.
+# 4-warp tables with 3 stages within 1% of the best at DiNAT-T dilation 8. Register-capped
+# one-warp tables (tools/sass_na.py, offline, 2026-12-04): 4x8 at 128 registers has no spills
+# and fits 13 programs per SM instead of 12. 4x8 at 104 fits 16, and 2x8 at 64 fits 30, with a
+# few spills. The H100 run of 2026-12-08 tuned among them (NAT-T stage-1 forward 0.049 ms),
+# but it did not record which candidate won.
 _C = LaunchConfig
 _CANDIDATES: Dict[str, Dict[int, List[LaunchConfig]]] = {
     "fwd": {

@@ -224,3 +224,31 @@ def test_bench_model_reports_a_model_out_of_memory_and_times_the_rest(monkeypatc
     assert "out of memory" in error and "--models visattn_dinat_t@reference" in error
     printed = capsys.readouterr().out
     assert "not run: visattn_dinat_t@reference (eager)" in printed
+
+
+def test_bench_na_keeps_the_finished_shapes_of_a_run_stopped_partway(monkeypatch, tmp_path, capsys):
+    """``na.json`` holds every shape finished so far, with its tuned launches printed, so a run
+    stopped at a time limit (as on the GPU machine) keeps what it measured."""
+    import json
+
+    from visattn.bench import na as bench_na
+
+    def fake_shape(shape, dtype, bandwidth, competitors):
+        if shape.name != "nat-t-s1":
+            raise KeyboardInterrupt  # what a time limit's signal leaves of the second shape
+        return [{"shape": shape.name, "mode": mode, "ms": {"triton": 0.05}, "errors": {}, "peak_bytes": {},
+                 "roofline_ms": 0.017 if mode == "fwd" else None, "io_bytes": 1,
+                 "tuned": {"fwd rpb": "1x4x8/r2/w1/s3/t"} if mode == "fwd" else {}}
+                for mode in ("fwd", "fwd+bwd")]
+
+    monkeypatch.setattr(bench_na, "require_cuda", lambda: None)
+    monkeypatch.setattr(bench_na, "copy_bandwidth", lambda: 3.0e12)
+    monkeypatch.setattr(bench_na, "device_name", lambda: "test device")
+    monkeypatch.setattr(bench_na, "bench_shape", fake_shape)
+    with pytest.raises(KeyboardInterrupt):
+        bench_na.run(bench_na.SHAPES[:2], ["triton"], str(tmp_path))
+    saved = json.loads((tmp_path / "na.json").read_text())
+    assert [s["name"] for s in saved["shapes"]] == ["nat-t-s1"]
+    assert [(r["shape"], r["mode"]) for r in saved["rows"]] == [("nat-t-s1", "fwd"), ("nat-t-s1", "fwd+bwd")]
+    assert (tmp_path / "na.png").exists()
+    assert "tuned (nat-t-s1 fwd): fwd rpb 1x4x8/r2/w1/s3/t" in capsys.readouterr().out

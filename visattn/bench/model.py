@@ -155,7 +155,8 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
     """Per timing, every model's step prepared side by side, then ``rounds`` rounds in which each
     model runs ``steps`` timed steps in turn: the host's speed drifts over a run, and interleaving
     spreads the drift over all models instead of charging it to whichever ran first. Each result is
-    the median over all its timed steps, with the medians of its rounds beside it."""
+    the median over all its timed steps, with the medians of its rounds beside it. A model whose
+    step runs out of memory beside the others gets ``{"error": ...}`` instead, and the rest run."""
     require_cuda()
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be at least 1, got {rounds} and {steps}")

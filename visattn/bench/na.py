@@ -323,17 +323,15 @@ def plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(shapes: List[NAShape], competitors: List[str], out_dir: str, dtype: torch.dtype = torch.bfloat16) -> Dict[str, object]:
     require_cuda()
-    bandwidth = copy_bandwidth()
-    rows = []
-    for shape in shapes:
-        rows.extend(bench_shape(shape, dtype, bandwidth, competitors))
-        print(summarize(rows[-2:]), flush=True)  # progress: this shape's two rows
     import triton
 
+    bandwidth = copy_bandwidth()
+    rows: List[Dict[str, object]] = []
     payload = {
         "device": device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -341,12 +339,22 @@ def run(shapes: List[NAShape], competitors: List[str], out_dir: str, dtype: torc
         "triton": triton.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "copy_bandwidth_GBps": bandwidth / 1e9,
-        "shapes": [asdict(s) for s in shapes],
+        "shapes": [],
         "rows": rows,
     }
     title = f"neighborhood attention, {payload['dtype']}, {payload['device']}, {payload['date']}"
-    save_results(out_dir, "na", payload, lambda path: plot(rows, path, title))
-    print(f"{title}; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{title}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    for shape in shapes:
+        rows.extend(bench_shape(shape, dtype, bandwidth, competitors))
+        payload["shapes"].append(asdict(shape))
+        # Progress: this shape's rows and tuned launches, and the results so far on disk, so a run
+        # stopped partway (a time limit) keeps the shapes it finished.
+        print(summarize(rows[-2:]), flush=True)
+        for row in rows[-2:]:
+            if row.get("tuned"):
+                print(f"tuned ({row['shape']} {row['mode']}): "
+                      + ", ".join(f"{kind} {cfg}" for kind, cfg in row["tuned"].items()), flush=True)
+        save_results(out_dir, "na", payload, lambda path: plot(rows, path, title))
     print(summarize(rows))
     return payload
 
