@@ -170,6 +170,7 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
                 # The models live side by side (interleaved rounds): one that does not fit beside the
                 # others is reported, and the rest still run.
                 results[spec][timing] = {"error": _out_of_memory(spec, exc)}
+            if spec not in prepared:  # out of the handler: its traceback no longer holds the failed model
                 torch.cuda.empty_cache()
         samples: Dict[str, List[List[float]]] = {spec: [] for spec in prepared}
         for _ in range(rounds):
@@ -182,12 +183,13 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
                 "round_medians_ms": [statistics.median(round_ms) for round_ms in samples[spec]]}
         del prepared
         torch.cuda.empty_cache()  # this timing's models' memory goes back before the next timing's
-    rows = []
+    rows, errors = [], []
     for spec, by_timing in results.items():
         row = {"model": spec}
         for timing, r in by_timing.items():
             if "error" in r:
                 row[f"{timing} ms/step"] = "out of memory"
+                errors.append(f"{spec} ({timing}): {r['error']}")
                 continue
             first = results[specs[0]][timing].get("images_per_s", float("nan"))
             spread = "-".join(f"{m:.1f}" for m in (min(r["round_medians_ms"]), max(r["round_medians_ms"])))
@@ -206,8 +208,6 @@ def run(specs: List[str], batch: int, image_size: int, out_dir: Optional[str], o
     print(f"training step (fwd+bwd+AdamW {optimizer}), bf16 autocast, batch {batch}, {image_size}px, {payload['device']}, {payload['date']}")
     columns = list(dict.fromkeys(column for row in rows for column in row))
     print(format_table(rows, columns))
-    errors = [f"{spec} ({timing}): {r['error']}" for spec, by_timing in results.items()
-              for timing, r in by_timing.items() if "error" in r]
     if errors:
         print("not run: " + "; ".join(errors))
     if out_dir:

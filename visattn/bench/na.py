@@ -345,12 +345,13 @@ def run(shapes: List[NAShape], competitors: List[str], out_dir: str, dtype: torc
     title = f"neighborhood attention, {payload['dtype']}, {payload['device']}, {payload['date']}"
     print(f"{title}; copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     for shape in shapes:
-        rows.extend(bench_shape(shape, dtype, bandwidth, competitors))
+        shape_rows = bench_shape(shape, dtype, bandwidth, competitors)
+        rows.extend(shape_rows)
         payload["shapes"].append(asdict(shape))
         # Progress: this shape's rows and tuned launches, and the results so far on disk, so a run
         # stopped partway (a time limit) keeps the shapes it finished.
-        print(summarize(rows[-2:]), flush=True)
-        for row in rows[-2:]:
+        print(summarize(shape_rows), flush=True)
+        for row in shape_rows:
             if row.get("tuned"):
                 print(f"tuned ({row['shape']} {row['mode']}): "
                       + ", ".join(f"{kind} {cfg}" for kind, cfg in row["tuned"].items()), flush=True)
